@@ -1,11 +1,11 @@
 """The one error tree of lambdabox; each API error knows its Lambda ``errorType`` and HTTP status.
 
-    LambdaboxError
-    ├── ConfigError          bad template, layer or setting; refused before anything starts
-    │   ├── TemplateError    names the template file, the resource and the rule
-    │   └── LayerError       names the layer (or code) archive and the rule
-    ├── SandboxError         the machine cannot give what an environment needs
-    └── ApiError             an HTTP API call refused, with Lambda's status and errorType
+LambdaboxError
+├── ConfigError          bad template, layer or setting; refused before anything starts
+│   ├── TemplateError    names the template file, the resource and the rule
+│   └── LayerError       names the layer (or code) archive and the rule
+├── SandboxError         the machine cannot give what an environment needs
+└── ApiError             an HTTP API call refused, with Lambda's status and errorType
 """
 
 from __future__ import annotations

@@ -1,0 +1,247 @@
+"""The vocabulary of the lifecycle core: facts that go in (past tense) and commands that come out (imperative)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from lambdabox.core.model import Outcome
+
+
+class Timer(enum.Enum):
+    INIT = "init"
+    INVOKE = "invoke"
+    SHUTDOWN = "shutdown"
+    RUNTIME_SHUTDOWN = "runtime-shutdown"
+
+
+@dataclass(frozen=True)
+class Invoke:
+    """One invocation as the runtime and extensions see it."""
+
+    request_id: str
+    payload: bytes
+    invoked_function_arn: str
+    trace_id: str
+    client_context: str | None = None
+    cognito_identity: str | None = None
+
+
+# ---- facts ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitRequested:
+    initialization_type: str = "on-demand"
+
+
+@dataclass(frozen=True)
+class InvokeRequested:
+    invoke: Invoke
+
+
+@dataclass(frozen=True)
+class ShutdownRequested:
+    reason: str = "spindown"
+
+
+@dataclass(frozen=True)
+class ExtensionRegistered:
+    name: str
+    events: tuple[str, ...]
+    identifier: str
+
+
+@dataclass(frozen=True)
+class ExtensionRequestedNext:
+    identifier: str | None
+
+
+@dataclass(frozen=True)
+class ExtensionErrorPosted:
+    identifier: str | None
+    error_type: str
+    phase: str  # "init" or "exit"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeRequestedNext:
+    pass
+
+
+@dataclass(frozen=True)
+class ResponsePosted:
+    request_id: str
+    body: bytes
+    content_type: str
+    first_byte_at: float
+
+
+@dataclass(frozen=True)
+class ErrorPosted:
+    request_id: str
+    error_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class InitErrorPosted:
+    error_type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class ProcessExited:
+    extension: str | None  # None: the runtime
+    returncode: int
+    out_of_memory: bool = False
+
+
+@dataclass(frozen=True)
+class DeadlinePassed:
+    timer: Timer
+
+
+Fact = (
+    InitRequested
+    | InvokeRequested
+    | ShutdownRequested
+    | ExtensionRegistered
+    | ExtensionRequestedNext
+    | ExtensionErrorPosted
+    | RuntimeRequestedNext
+    | ResponsePosted
+    | ErrorPosted
+    | InitErrorPosted
+    | ProcessExited
+    | DeadlinePassed
+)
+
+# ---- commands ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartExtension:
+    name: str
+
+
+@dataclass(frozen=True)
+class StartRuntime:
+    initialization_type: str
+
+
+@dataclass(frozen=True)
+class DeliverInvoke:
+    """Answer the runtime's pending /next with this invoke."""
+
+    invoke: Invoke
+    deadline: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class DeliverExtensionEvent:
+    """Answer this extension's pending /event/next."""
+
+    identifier: str
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Hand the invoke's outcome to its caller (as soon as it is known)."""
+
+    request_id: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class FinishInvoke:
+    """The invoke phase is over; the shell measures memory and reports."""
+
+    request_id: str
+    status: str  # success | error | failure | timeout
+    error_type: str | None
+    duration_ms: float
+    init_duration_ms: float | None
+    post_runtime_extensions_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ArmTimer:
+    timer: Timer
+    at: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    timer: Timer
+
+
+@dataclass(frozen=True)
+class TerminateRuntime:
+    """SIGTERM to the runtime: the start of a graceful shutdown."""
+
+
+@dataclass(frozen=True)
+class Kill:
+    extension: str | None  # None: the runtime
+
+
+@dataclass(frozen=True)
+class KillAll:
+    """SIGKILL every process of the environment and reap them."""
+
+
+@dataclass(frozen=True)
+class Freeze:
+    pass
+
+
+@dataclass(frozen=True)
+class Thaw:
+    pass
+
+
+@dataclass(frozen=True)
+class EmitPlatformEvent:
+    type: str
+    record: dict[str, Any]
+    at: float
+
+
+@dataclass(frozen=True)
+class FinishShutdown:
+    """Every process is gone; ``reset`` means the environment can initialise again."""
+
+    reason: str
+    reset: bool
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A line lambdabox writes to the environment's log as Lambda would (e.g. an extension's crash)."""
+
+    text: str
+    at: float = field(default=0.0)
+
+
+Command = (
+    StartExtension
+    | StartRuntime
+    | DeliverInvoke
+    | DeliverExtensionEvent
+    | Respond
+    | FinishInvoke
+    | ArmTimer
+    | CancelTimer
+    | TerminateRuntime
+    | Kill
+    | KillAll
+    | Freeze
+    | Thaw
+    | EmitPlatformEvent
+    | FinishShutdown
+    | LogLine
+)
