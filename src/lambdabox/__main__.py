@@ -1,0 +1,5 @@
+"""``python -m lambdabox``: the same as the ``lambdabox`` command."""
+
+from lambdabox.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""What the HTTP adapters need from the environment that serves them: submit a fact, await an event."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from lambdabox.core.facts import ExtensionRequestedNext, Fact, Invoke, RuntimeRequestedNext
+from lambdabox.core.model import FunctionConfig
+
+
+class Shell(Protocol):
+    config: FunctionConfig
+
+    def now(self) -> float:
+        """Epoch seconds on a monotonic base."""
+
+    def submit(self, fact: Fact) -> None:
+        """Hand a fact to the lifecycle core; raises ApiError when the core refuses it."""
+
+    async def runtime_next(self, fact: RuntimeRequestedNext) -> tuple[Invoke, float]:
+        """Submit the runtime's /next and wait for its invoke and deadline (epoch seconds)."""
+
+    async def extension_next(self, fact: ExtensionRequestedNext) -> dict[str, Any]:
+        """Submit an extension's /event/next and wait for its event."""
+
+
+SHELL = web.AppKey("shell", Shell)

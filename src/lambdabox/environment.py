@@ -1,0 +1,451 @@
+"""One execution environment, the asyncio shell around the lifecycle core.
+
+It owns the environment's processes, API server, timers, isolation and work directory; it feeds facts to the core
+(``submit``) and carries out the commands that come back, one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from lambdabox.api import extensions as extensions_api
+from lambdabox.api import runtime as runtime_api
+from lambdabox.api.render import render_errors
+from lambdabox.api.shell import SHELL
+from lambdabox.core import facts as f
+from lambdabox.core.errors import ApiError, ConfigError
+from lambdabox.core.extensions import MAX_EXTENSIONS
+from lambdabox.core.lifecycle import INIT_TIMEOUT_S, Lifecycle, Settings, billed_ms
+from lambdabox.core.model import FunctionConfig, Outcome
+from lambdabox.sandbox.environ import extension_environment, function_environment, log_stream_name
+from lambdabox.sandbox.filesystem import StagedCode, stage_function
+from lambdabox.sandbox.isolation import Isolation, Layout, open_isolation
+from lambdabox.sandbox.processes import OwnedProcess
+from lambdabox.sandbox.runtime import RuntimeCommand, resolve_runtime, runtime_dir_for
+
+MIB = 1024 * 1024
+SHUTDOWN_SLACK_S = 5.0  # beyond Lambda's own deadlines, for the machine to reap what it killed
+
+
+@dataclass(frozen=True)
+class TelemetryEvent:
+    """A record as the Telemetry API shapes it: ``platform.*`` events, and ``function``/``extension`` lines."""
+
+    time: float
+    type: str
+    record: Any
+    source: str = ""  # for function/extension lines: the process that wrote it
+
+
+Observer = Callable[[TelemetryEvent], None]
+
+
+@dataclass(frozen=True)
+class Report:
+    request_id: str
+    status: str
+    error_type: str | None
+    duration_ms: float
+    billed_duration_ms: int
+    memory_size_mb: int
+    max_memory_used_mb: int
+    init_duration_ms: float | None
+    post_runtime_extensions_ms: float | None
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    request_id: str
+    outcome: Outcome
+    report: Report
+
+
+@dataclass(frozen=True)
+class Options:
+    freeze: bool = True
+    isolate: bool = True
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "lambdabox")
+    initialization_type: str = "on-demand"
+
+
+def discover_extensions(opt: Path, source: str) -> tuple[str, ...]:
+    """Executable files in /opt/extensions, in the order Lambda starts them; more than 10 is refused."""
+    directory = opt / "extensions"
+    if not directory.is_dir():
+        return ()
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and os.access(p, os.X_OK))
+    if len(names) > MAX_EXTENSIONS:
+        raise ConfigError(
+            f"{source}: {len(names)} extensions in /opt/extensions ({', '.join(names)}); "
+            f"a function may have at most {MAX_EXTENSIONS}"
+        )
+    return tuple(names)
+
+
+def new_trace_id(now: float) -> str:
+    return f"Root=1-{int(now):08x}-{uuid.uuid4().hex[:24]};Parent={uuid.uuid4().hex[:16]};Sampled=0"
+
+
+class Environment:
+    """A live environment. Use :func:`open_environment`; call :meth:`invoke` as often as needed."""
+
+    def __init__(self, config: FunctionConfig, options: Options, observers: Iterable[Observer]) -> None:
+        self.config = config
+        self.options = options
+        self.observers = list(observers)
+        self._mono0, self._epoch0 = time.monotonic(), time.time()
+        self._queue: asyncio.Queue[f.Command] = asyncio.Queue()
+        self._procs: dict[str | None, OwnedProcess] = {}
+        self._timers: dict[f.Timer, asyncio.TimerHandle] = {}
+        self._runtime_waiter: asyncio.Future[tuple[f.Invoke, float]] | None = None
+        self._extension_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._outcomes: dict[str, asyncio.Future[Outcome]] = {}
+        self._reports: dict[str, asyncio.Future[Report]] = {}
+        self._gone = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._oom_seen = False
+        self.degraded: tuple[str, ...] = ()
+        self.log_stream = log_stream_name(config.version, self._epoch0)
+        self.lifecycle: Lifecycle
+        self._isolation: Isolation
+        self._staged: StagedCode
+        self._runtime: RuntimeCommand
+        self._api_address = ""
+
+    # ---- the shell's side of the API adapters ------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self._epoch0 + (time.monotonic() - self._mono0)
+
+    def submit(self, fact: f.Fact) -> None:
+        for command in self.lifecycle.handle(fact, self.now()):
+            self._queue.put_nowait(command)
+
+    async def runtime_next(self, fact: f.RuntimeRequestedNext) -> tuple[f.Invoke, float]:
+        waiter: asyncio.Future[tuple[f.Invoke, float]] = asyncio.get_running_loop().create_future()
+        self._runtime_waiter = waiter
+        self.submit(fact)
+        return await waiter
+
+    async def extension_next(self, fact: f.ExtensionRequestedNext) -> dict[str, Any]:
+        identifier = self.lifecycle.registry.get(fact.identifier).identifier
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._extension_waiters[identifier] = waiter
+        self.submit(fact)
+        return await waiter
+
+    # ---- what callers use -------------------------------------------------------------------------------------
+
+    @property
+    def runtime_api(self) -> str:
+        return self._api_address
+
+    async def initialize(self) -> None:
+        """Run Init ahead of the first invoke (as provisioned concurrency does)."""
+        self.submit(f.InitRequested(self.options.initialization_type))
+
+    async def invoke(
+        self,
+        payload: bytes,
+        *,
+        client_context: str | None = None,
+        cognito_identity: str | None = None,
+        invoked_function_arn: str | None = None,
+    ) -> InvokeResult:
+        """Invoke once; returns when the invoke phase is over (the runtime and every extension are done)."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            request_id = str(uuid.uuid4())
+            outcome = self._outcomes[request_id] = loop.create_future()
+            report = self._reports[request_id] = loop.create_future()
+            invoke = f.Invoke(
+                request_id,
+                payload,
+                invoked_function_arn or self.config.arn,
+                new_trace_id(self.now()),
+                client_context,
+                cognito_identity,
+            )
+            self.submit(f.InvokeRequested(invoke))
+            budget = INIT_TIMEOUT_S + self.config.timeout_s + SHUTDOWN_SLACK_S
+            try:
+                async with asyncio.timeout(budget):
+                    return InvokeResult(request_id, await outcome, await report)
+            finally:
+                self._outcomes.pop(request_id, None)
+                self._reports.pop(request_id, None)
+
+    async def shutdown(self, reason: str = "spindown") -> None:
+        """Shut down as Lambda does (SIGTERM, SHUTDOWN, SIGKILL at the budget) and wait until all is reaped."""
+        with contextlib.suppress(ApiError):
+            self.submit(f.ShutdownRequested(reason))
+        async with asyncio.timeout(2.0 + SHUTDOWN_SLACK_S):
+            await self._gone.wait()
+
+    # ---- carrying out commands --------------------------------------------------------------------------------
+
+    async def _run_commands(self) -> None:
+        while True:
+            command = await self._queue.get()
+            try:
+                await self._execute(command)
+            except Exception as error:
+                self._log("lambdabox", f"lambdabox: {type(command).__name__} failed: {error!r}")
+            finally:
+                self._queue.task_done()
+
+    async def _execute(self, command: f.Command) -> None:
+        match command:
+            case f.StartExtension(name=name):
+                await self._start(name, [f"{self._isolation.path('/opt/extensions')}/{name}"], self._extension_env())
+            case f.StartRuntime(initialization_type=init_type):
+                env = self._function_env(init_type)
+                await self._start(None, list(self._runtime.argv), env, telemetry_fd=self._runtime.telemetry_fd)
+            case f.DeliverInvoke(invoke=invoke, deadline=deadline):
+                _resolve(self._runtime_waiter, (invoke, deadline))
+            case f.DeliverExtensionEvent(identifier=identifier, event=event):
+                _resolve(self._extension_waiters.pop(identifier, None), event)
+            case f.Respond(request_id=request_id, outcome=outcome):
+                _resolve(self._outcomes.get(request_id), outcome)
+            case f.FinishInvoke():
+                self._finish_invoke(command)
+            case f.ArmTimer(timer=timer, at=at):
+                self._cancel_timer(timer)
+                loop = asyncio.get_running_loop()
+                self._timers[timer] = loop.call_later(max(0.0, at - self.now()), self._deadline, timer)
+            case f.CancelTimer(timer=timer):
+                self._cancel_timer(timer)
+            case f.TerminateRuntime():
+                if (runtime := self._procs.get(None)) is not None:
+                    runtime.signal(signal.SIGTERM)
+            case f.Kill(extension=name):
+                if (process := self._procs.pop(name, None)) is not None:
+                    process.signal(signal.SIGKILL)
+            case f.KillAll():
+                await self._kill_all()
+            case f.Freeze():
+                await self._isolation.freeze()
+            case f.Thaw():
+                await self._isolation.thaw()
+            case f.EmitPlatformEvent(type=type_, record=record, at=at):
+                self._notify(TelemetryEvent(at, type_, record))
+            case f.FinishShutdown(reset=reset):
+                if not reset:
+                    self._gone.set()
+            case f.LogLine(text=text):
+                self._log("lambdabox", text)
+
+    async def _start(
+        self, name: str | None, argv: list[str], env: dict[str, str], *, telemetry_fd: bool = False
+    ) -> None:
+        label = "runtime" if name is None else name
+        kind = "function" if name is None else "extension"
+        try:
+            process = await OwnedProcess.start(
+                self._isolation.command(argv),
+                env=env,
+                cwd=self._isolation.host_cwd(),
+                label=label,
+                on_record=lambda source, text: self._notify(TelemetryEvent(self.now(), kind, text, source)),
+                telemetry_fd=telemetry_fd,
+            )
+        except OSError as error:
+            self._log(label, f"lambdabox: cannot start {label}: {error}")
+            self._submit_quietly(f.ProcessExited(name, 127))
+            return
+        self._isolation.register(process.pid)
+        self._procs[name] = process
+        asyncio.get_running_loop().create_task(self._watch(name, process))
+
+    async def _watch(self, name: str | None, process: OwnedProcess) -> None:
+        returncode = await process.wait_exit()
+        if self._procs.get(name) is not process:
+            return  # killed on purpose by a command; the core already knows
+        del self._procs[name]
+        oom = self._isolation.oom_killed() and not self._oom_seen
+        self._oom_seen = self._oom_seen or oom
+        self._submit_quietly(f.ProcessExited(name, returncode, oom))
+
+    async def _kill_all(self) -> None:
+        processes = list(self._procs.values())
+        self._procs.clear()
+        for process in processes:
+            process.signal(signal.SIGKILL)
+        await self._isolation.kill_all()
+        async with asyncio.timeout(SHUTDOWN_SLACK_S):
+            await asyncio.gather(*(p.wait_exit() for p in processes))
+        for waiter in [self._runtime_waiter, *self._extension_waiters.values()]:
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+        self._extension_waiters.clear()
+        self._runtime_waiter = None
+        self._oom_seen = self._isolation.oom_killed()
+
+    def _finish_invoke(self, done: f.FinishInvoke) -> None:
+        peak_mb = math.ceil(self._isolation.peak_memory_bytes() / MIB)
+        report = Report(
+            done.request_id,
+            done.status,
+            done.error_type,
+            done.duration_ms,
+            billed_ms(done.duration_ms),
+            self.config.memory_mb,
+            peak_mb,
+            done.init_duration_ms,
+            done.post_runtime_extensions_ms,
+        )
+        self._notify(TelemetryEvent(self.now(), "platform.report", report_record(report)))
+        _resolve(self._reports.get(done.request_id), report)
+
+    def _deadline(self, timer: f.Timer) -> None:
+        self._timers.pop(timer, None)
+        self._submit_quietly(f.DeadlinePassed(timer))
+
+    def _cancel_timer(self, timer: f.Timer) -> None:
+        handle = self._timers.pop(timer, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _submit_quietly(self, fact: f.Fact) -> None:
+        with contextlib.suppress(ApiError):
+            self.submit(fact)
+
+    def _notify(self, event: TelemetryEvent) -> None:
+        for observer in self.observers:
+            observer(event)
+
+    def _log(self, source: str, text: str) -> None:
+        self._notify(TelemetryEvent(self.now(), "extension" if source != "runtime" else "function", text, source))
+
+    # ---- environment variables --------------------------------------------------------------------------------
+
+    def _function_env(self, initialization_type: str) -> dict[str, str]:
+        return function_environment(
+            self.config,
+            runtime_api=self._api_address,
+            task_root=self._isolation.path("/var/task"),
+            runtime_dir=str(runtime_dir_for(self.config.runtime, self.options.cache_dir)),
+            initialization_type=initialization_type,
+            log_stream=self.log_stream,
+            credentials=_credentials(),
+            opt_root=self._isolation.path("/opt"),
+            runtime_env=self._runtime.env,
+            path_prefix=self._runtime.path_prefix,
+        )
+
+    def _extension_env(self) -> dict[str, str]:
+        return extension_environment(self._function_env(self.options.initialization_type))
+
+
+def report_record(report: Report) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "durationMs": report.duration_ms,
+        "billedDurationMs": report.billed_duration_ms,
+        "memorySizeMB": report.memory_size_mb,
+        "maxMemoryUsedMB": report.max_memory_used_mb,
+    }
+    if report.init_duration_ms is not None:
+        metrics["initDurationMs"] = report.init_duration_ms
+    record: dict[str, Any] = {"requestId": report.request_id, "status": report.status, "metrics": metrics}
+    if report.error_type:
+        record["errorType"] = report.error_type
+    return record
+
+
+def _resolve(waiter: asyncio.Future[Any] | None, value: Any) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(value)
+
+
+def _credentials() -> dict[str, str]:
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    found = {name: os.environ[name] for name in names if name in os.environ}
+    if "AWS_ACCESS_KEY_ID" not in found:
+        found = {"AWS_ACCESS_KEY_ID": "AKIALAMBDABOXLOCAL00", "AWS_SECRET_ACCESS_KEY": "lambdabox-local-secret"}
+    return found
+
+
+@contextlib.asynccontextmanager
+async def open_environment(
+    config: FunctionConfig, options: Options | None = None, observers: Iterable[Observer] = ()
+) -> AsyncIterator[Environment]:
+    """Stage the code and layers, isolate, serve the APIs; on exit shut down as Lambda does and clean up."""
+    options = options or Options()
+    env = Environment(config, options, observers)
+    work_dir = Path(tempfile.mkdtemp(prefix=f"lambdabox-{config.logical_id}-"))
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(shutil.rmtree, work_dir, True)
+        env._staged = stage_function(config, work_dir)
+        source = str(config.template or config.code)
+        extensions = discover_extensions(env._staged.opt, source)
+        (work_dir / "tmp").mkdir(mode=0o1777, exist_ok=True)
+        layout = Layout(env._staged.task, env._staged.opt, work_dir / "tmp", keep=_keep_paths())
+        env._isolation = await stack.enter_async_context(
+            open_isolation(layout, memory_mb=config.memory_mb, name=config.logical_id, isolate=options.isolate)
+        )
+        env.degraded = env._isolation.degraded
+        env._runtime = await asyncio.to_thread(  # the first use of a runtime installs its client
+            resolve_runtime,
+            config.runtime,
+            task_root=env._isolation.path("/var/task"),
+            opt_root=env._isolation.path("/opt"),
+            wrapper=config.environment.get("AWS_LAMBDA_EXEC_WRAPPER"),
+            cache_dir=options.cache_dir,
+            host_task_root=str(env._staged.task),
+            host_opt_root=str(env._staged.opt),
+        )
+        env.lifecycle = Lifecycle(
+            Settings(config.function_name, config.version, config.timeout_s, extensions, freeze=options.freeze)
+        )
+        app = web.Application(middlewares=[render_errors], client_max_size=runtime_api.MAX_RESPONSE_BYTES * 2)
+        app[SHELL] = env
+        app.add_routes(runtime_api.routes() + extensions_api.routes())
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        env._api_address = f"{host}:{port}"
+        worker = asyncio.get_running_loop().create_task(env._run_commands())
+        stack.push_async_callback(_cancel, worker)
+        try:
+            yield env
+        finally:
+            await env.shutdown()
+            await _drain(env)
+
+
+async def _drain(env: Environment) -> None:
+    """Let the command queue empty (the final KillAll and FinishShutdown), with a deadline."""
+    async with asyncio.timeout(SHUTDOWN_SLACK_S):
+        await env._queue.join()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _keep_paths() -> tuple[Path, ...]:
+    """Host paths the runtime needs inside the environment even if they lie under /tmp."""
+    import sys
+
+    import lambdabox
+
+    return tuple({Path(sys.prefix), Path(sys.base_prefix), Path(lambdabox.__file__).parent})

@@ -1,0 +1,119 @@
+"""Test support: build functions and layers from the scripts in tests/fixtures, run an environment, record events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import zipfile
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lambdabox.core.model import FunctionConfig, LayerConfig
+from lambdabox.environment import TelemetryEvent
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+    """Run a coroutine to completion with a deadline (tests are synchronous; no plugin needed)."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def extension_script(name: str) -> bytes:
+    """A fixture extension; Python ones get this interpreter in the shebang so they start fast."""
+    data = (FIXTURES / name).read_bytes()
+    if data.startswith(b"#!/usr/bin/env python3"):
+        data = f"#!{sys._base_executable}".encode() + data[len(b"#!/usr/bin/env python3") :]
+    return data
+
+
+def build_layer(path: Path, files: Mapping[str, tuple[bytes, int]]) -> Path:
+    """A layer zip with the given entries: name -> (content, mode)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, (content, mode) in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o100000 | mode) << 16
+            archive.writestr(info, content)
+    return path
+
+
+def extensions_layer(tmp_path: Path, extensions: Mapping[str, str], name: str = "extensions.zip") -> LayerConfig:
+    """A layer holding /opt/extensions/<ext name> for each ext name -> fixture script."""
+    files = {f"extensions/{ext}": (extension_script(script), 0o755) for ext, script in extensions.items()}
+    return LayerConfig(name, build_layer(tmp_path / name, files))
+
+
+def make_function(
+    tmp_path: Path,
+    handler: str = "handler.ok",
+    *,
+    extensions: Mapping[str, str] | None = None,
+    environment: Mapping[str, str] | None = None,
+    timeout_s: float = 3.0,
+    memory_mb: int = 128,
+    runtime: str = PYTHON,
+    layers: tuple[LayerConfig, ...] = (),
+) -> FunctionConfig:
+    code = tmp_path / "code"
+    code.mkdir(exist_ok=True)
+    for name in ("handler.py", "init_error.py"):
+        shutil.copy(FIXTURES / name, code / name)
+    if extensions:
+        layers = (extensions_layer(tmp_path, extensions), *layers)
+    return FunctionConfig(
+        logical_id="Fn",
+        function_name="Fn",
+        runtime=runtime,
+        handler=handler,
+        code=code,
+        layers=layers,
+        environment=dict(environment or {}),
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+    )
+
+
+@dataclass
+class Recorder:
+    """Collects every event an environment emits, in order."""
+
+    events: list[TelemetryEvent] = field(default_factory=list)
+
+    def __call__(self, event: TelemetryEvent) -> None:
+        self.events.append(event)
+
+    def types(self, prefix: str = "platform.") -> list[str]:
+        return [e.type for e in self.events if e.type.startswith(prefix)]
+
+    def records(self, type_: str) -> list[Any]:
+        return [e.record for e in self.events if e.type == type_]
+
+    def lines(self, source: str | None = None) -> list[str]:
+        return [
+            str(e.record)
+            for e in self.events
+            if e.type in ("function", "extension") and (source is None or e.source == source)
+        ]
+
+    def extension_says(self, what: str) -> list[dict[str, Any]]:
+        """JSON lines printed by tests/fixtures/ext.py with the given 'what'."""
+        found = []
+        for line in self.lines():
+            if line.startswith("{"):
+                item = json.loads(line)
+                if item.get("what") == what:
+                    found.append(item)
+        return found
+
+

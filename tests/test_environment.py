@@ -1,0 +1,216 @@
+"""Integration: real awslambdaric and real extension processes over real HTTP, through one environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lambdabox.core.errors import ConfigError
+from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
+from lambdabox.environment import InvokeResult, Options, open_environment
+from support import Recorder, make_function, run
+
+
+def invoke_all(config, payloads, recorder=None, options=None) -> list[InvokeResult]:
+    async def go() -> list[InvokeResult]:
+        async with open_environment(config, options, [recorder] if recorder else []) as env:
+            return [await env.invoke(json.dumps(p).encode()) for p in payloads]
+
+    return run(go())
+
+
+def body(result: InvokeResult):
+    assert isinstance(result.outcome, Response | FunctionFailure), result.outcome
+    return json.loads(result.outcome.body)
+
+
+def test_cold_then_warm_invoke_with_no_extensions(tmp_path: Path, recorder: Recorder) -> None:
+    first, second = invoke_all(make_function(tmp_path), [{"n": 1}, {"n": 2}], recorder)
+    assert body(first) == {"ok": True, "event": {"n": 1}}
+    assert body(second) == {"ok": True, "event": {"n": 2}}
+    assert first.report.init_duration_ms is not None and first.report.init_duration_ms > 0
+    assert second.report.init_duration_ms is None
+    assert first.report.max_memory_used_mb > 1
+    assert recorder.types() == [
+        "platform.initStart", "platform.initRuntimeDone", "platform.initReport",
+        "platform.start", "platform.runtimeDone", "platform.report",
+        "platform.start", "platform.runtimeDone", "platform.report",
+    ]  # fmt: skip
+    assert "module loaded" in recorder.lines("runtime")
+
+
+def test_extensions_get_invoke_and_shutdown_in_order(tmp_path: Path, recorder: Recorder) -> None:
+    config = make_function(tmp_path, extensions={"py-ext": "ext.py", "sh-ext": "ext.sh"})
+    results = invoke_all(config, [{}, {}], recorder)
+    assert all(isinstance(r.outcome, Response) for r in results)
+    events = [e["event"] for e in recorder.extension_says("event")]
+    assert [e["eventType"] for e in events] == ["INVOKE", "INVOKE", "SHUTDOWN"]
+    assert [e["requestId"] for e in events[:2]] == [r.request_id for r in results]
+    invoke = events[0]
+    assert invoke["invokedFunctionArn"] == config.arn
+    assert invoke["tracing"]["type"] == "X-Amzn-Trace-Id" and invoke["tracing"]["value"].startswith("Root=1-")
+    assert isinstance(invoke["deadlineMs"], int)
+    assert events[2]["shutdownReason"] == "spindown"
+    shell_lines = recorder.lines("sh-ext")
+    assert shell_lines[0] == "sh-ext registered"
+    assert sum('"INVOKE"' in line for line in shell_lines) == 2 and "sh-ext exiting" in shell_lines
+    registered = recorder.extension_says("registered")[0]
+    assert registered["body"] == {"functionName": "Fn", "functionVersion": "$LATEST", "handler": "handler.ok"}
+    assert registered["runtime_only"] == []  # extensions do not see the runtime-only variables
+    ext_names = [r["name"] for r in recorder.records("platform.extension")]
+    assert sorted(ext_names) == ["py-ext", "sh-ext"]
+    types = recorder.types()
+    assert types.index("platform.extension") < types.index("platform.initRuntimeDone") < types.index("platform.start")
+
+
+def test_response_is_returned_before_extension_post_invoke_work_ends(tmp_path: Path, recorder: Recorder) -> None:
+    config = make_function(tmp_path, extensions={"slow": "ext.py"}, environment={"EXT_POST_INVOKE_S": "0.4"})
+    (result,) = invoke_all(config, [{}], recorder)
+    done = recorder.extension_says("post-invoke-done")
+    assert done and done[0]["requestId"] == result.request_id
+    assert result.report.duration_ms >= 400
+    assert result.report.post_runtime_extensions_ms is not None and result.report.post_runtime_extensions_ms >= 350
+    runtime_done_at = next(e.time for e in recorder.events if e.type == "platform.runtimeDone")
+    report_at = next(e.time for e in recorder.events if e.type == "platform.report")
+    assert report_at - runtime_done_at >= 0.35
+
+
+def test_function_error_is_passed_through(tmp_path: Path) -> None:
+    (result,) = invoke_all(make_function(tmp_path, "handler.fail"), [{}])
+    assert isinstance(result.outcome, FunctionFailure)
+    error = body(result)
+    assert error["errorType"] == "ValueError" and error["errorMessage"] == "boom"
+    assert result.report.status == "error"
+
+
+def test_handler_timeout_resets_and_keeps_tmp(tmp_path: Path, recorder: Recorder) -> None:
+    config = make_function(tmp_path, "handler.sleep", timeout_s=1, extensions={"ext": "ext.py"})
+
+    async def go() -> list[InvokeResult]:
+        async with open_environment(config, None, [recorder]) as env:
+            timed_out = await env.invoke(b'{"seconds": 30}')
+            return [timed_out, await env.invoke(b'{"seconds": 0}')]
+
+    timed_out, after = run(go())
+    assert isinstance(timed_out.outcome, LambdaFailure)
+    assert timed_out.outcome.error_type == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in timed_out.outcome.message
+    assert timed_out.report.status == "timeout"
+    assert body(after) == "slept"
+    assert after.report.init_duration_ms is not None  # the next invoke initialised again
+    shutdowns = [e["event"] for e in recorder.extension_says("event") if e["event"]["eventType"] == "SHUTDOWN"]
+    assert [s["shutdownReason"] for s in shutdowns] == ["timeout", "spindown"]
+
+
+def test_tmp_survives_a_reset(tmp_path: Path) -> None:
+    crashed, after = invoke_all(make_function(tmp_path, "handler.tmp_write"), [{"crash": True}, {}])
+    assert isinstance(crashed.outcome, LambdaFailure) and crashed.outcome.error_type == "Runtime.ExitError"
+    assert after.report.init_duration_ms is not None  # a new init after the reset...
+    assert body(after)["existed"] is True  # ...with the same /tmp
+
+
+def test_extension_timeout_after_response(tmp_path: Path, recorder: Recorder) -> None:
+    config = make_function(
+        tmp_path, timeout_s=1, extensions={"hang": "ext.py"}, environment={"EXT_HANG_ON_INVOKE": "1"}
+    )
+    (result,) = invoke_all(config, [{}], recorder)
+    assert isinstance(result.outcome, Response)  # the caller had the response before the extension hung
+    assert result.report.status == "timeout"
+
+
+def test_runtime_crash(tmp_path: Path) -> None:
+    first, second = invoke_all(make_function(tmp_path, "handler.crash"), [{"code": 2}, {"code": 0}])
+    assert isinstance(first.outcome, LambdaFailure)
+    assert first.outcome.error_type == "Runtime.ExitError"
+    assert "Runtime exited with error: exit status 2" in first.outcome.message
+    assert second.report.init_duration_ms is not None
+
+
+def test_extension_crash(tmp_path: Path) -> None:
+    config = make_function(tmp_path, extensions={"bad": "ext.py"}, environment={"EXT_CRASH_ON_INVOKE": "1"})
+    (result,) = invoke_all(config, [{}])
+    assert result.report.status == "failure"
+    assert result.report.error_type == "Extension.Crash"
+
+
+def test_init_error_is_returned_and_next_invoke_initialises_again(tmp_path: Path, recorder: Recorder) -> None:
+    first, second = invoke_all(make_function(tmp_path, "init_error.handler"), [{}, {}], recorder)
+    for result in (first, second):
+        assert isinstance(result.outcome, FunctionFailure)
+        error = body(result)
+        assert error["errorType"] == "RuntimeError"  # awslambdaric reports the module's own exception
+        assert "init went wrong" in error["errorMessage"]
+    assert recorder.types().count("platform.initStart") == 2
+    assert [r["status"] for r in recorder.records("platform.initReport")] == ["error", "error"]
+
+
+def test_extension_init_error_fails_init(tmp_path: Path) -> None:
+    config = make_function(tmp_path, extensions={"e": "ext.py"}, environment={"EXT_INIT_ERROR": "Extension.Broken"})
+    (result,) = invoke_all(config, [{}])
+    assert isinstance(result.outcome, LambdaFailure) and result.outcome.error_type == "Extension.Broken"
+
+
+def test_too_many_extensions_refused_before_start(tmp_path: Path) -> None:
+    config = make_function(tmp_path, extensions={f"e{i:02}": "ext.py" for i in range(11)})
+    with pytest.raises(ConfigError, match="at most 10"):
+        invoke_all(config, [{}])
+
+
+def test_out_of_memory(tmp_path: Path) -> None:
+    config = make_function(tmp_path, "handler.hog", memory_mb=128)
+    (result,) = invoke_all(config, [{"mb": 300}])
+    assert isinstance(result.outcome, LambdaFailure)
+    assert result.outcome.error_type == "Runtime.OutOfMemory"
+
+
+def test_response_over_6_mb_is_refused(tmp_path: Path) -> None:
+    (result,) = invoke_all(make_function(tmp_path, "handler.big"), [{}])
+    assert isinstance(result.outcome, FunctionFailure)
+    assert result.outcome.error_type == "Function.ResponseSizeTooLarge"
+    assert "(6291456 bytes)" in body(result)["errorMessage"]
+    assert result.report.status == "failure"  # awslambdaric exits 1 on the 413, so the environment resets
+
+
+def test_environment_variables_and_layout(tmp_path: Path) -> None:
+    keys = ["AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "_HANDLER", "LAMBDA_TASK_ROOT", "TZ",
+            "AWS_EXECUTION_ENV", "AWS_LAMBDA_INITIALIZATION_TYPE", "MY_VAR"]  # fmt: skip
+    config = make_function(tmp_path, "handler.echo_env", environment={"MY_VAR": "mine"}, memory_mb=256)
+    (result,) = invoke_all(config, [{"keys": keys}])
+    seen = body(result)
+    assert seen["AWS_LAMBDA_FUNCTION_NAME"] == "Fn" and seen["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == "256"
+    assert seen["_HANDLER"] == "handler.echo_env" and seen["MY_VAR"] == "mine"
+    assert seen["AWS_LAMBDA_INITIALIZATION_TYPE"] == "on-demand" and seen["TZ"] == ":UTC"
+    assert 0 < seen["remaining_ms"] <= 3000
+    if os.geteuid() == 0:
+        assert seen["LAMBDA_TASK_ROOT"] == "/var/task" and seen["cwd"] == "/var/task"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a mount namespace")
+def test_sandbox_hostnames_resolve_to_loopback(tmp_path: Path) -> None:
+    (result,) = invoke_all(make_function(tmp_path, "handler.resolve"), [{}])
+    assert body(result) == {"sandbox": "127.0.0.1", "sandbox.localdomain": "127.0.0.1"}
+
+
+def test_multiline_records_stay_whole(tmp_path: Path, recorder: Recorder) -> None:
+    invoke_all(make_function(tmp_path, "handler.logs"), [{}], recorder)
+    lines = recorder.lines("runtime")
+    assert "line one" in lines and "to stderr" in lines
+    assert any("multi\nline record" in line for line in lines)  # a logging record through the telemetry fd
+
+
+def test_no_process_or_fd_left_behind(tmp_path: Path) -> None:
+    config = make_function(tmp_path, extensions={"a": "ext.py", "b": "ext.sh"})
+    me = psutil.Process()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    invoke_all(config, [{}, {}])
+    assert me.children(recursive=True) == []
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_no_freeze_option(tmp_path: Path) -> None:
+    results = invoke_all(make_function(tmp_path), [{}, {}], options=Options(freeze=False))
+    assert all(isinstance(r.outcome, Response) for r in results)
