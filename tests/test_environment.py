@@ -214,3 +214,69 @@ def test_no_process_or_fd_left_behind(tmp_path: Path) -> None:
 def test_no_freeze_option(tmp_path: Path) -> None:
     results = invoke_all(make_function(tmp_path), [{}, {}], options=Options(freeze=False))
     assert all(isinstance(r.outcome, Response) for r in results)
+
+
+def _freezer_state(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "freezer":
+            return Path(f"/sys/fs/cgroup/freezer{path}/freezer.state").read_text().strip()
+    return "none"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs the cgroup freezer")
+def test_processes_are_frozen_between_invokes(tmp_path: Path) -> None:
+    config = make_function(tmp_path, extensions={"ext": "ext.py"})
+
+    async def go() -> list[str]:
+        async with open_environment(config) as env:
+            await env.invoke(b"{}")
+            pids = env._isolation.pids()
+            assert len(pids) >= 2  # the runtime and the extension
+            states = [_freezer_state(pid) for pid in pids]
+            await env.invoke(b"{}")  # and thawed again for the next invoke
+            return states
+
+    assert set(run(go())) == {"FROZEN"}
+
+
+def test_shutdown_budget_kills_a_slow_extension(tmp_path: Path, recorder: Recorder) -> None:
+    config = make_function(tmp_path, extensions={"slow": "ext.py"}, environment={"EXT_SHUTDOWN_S": "30"})
+
+    async def go() -> float:
+        async with open_environment(config, None, [recorder]) as env:
+            await env.invoke(b"{}")
+            started = env.now()
+            await env.shutdown()
+            return env.now() - started
+
+    took = run(go())
+    assert 1.9 <= took < 3.5  # Lambda's 2 000 ms budget with external extensions, then SIGKILL
+    assert recorder.extension_says("exiting") == []
+    assert [e["event"]["eventType"] for e in recorder.extension_says("event")][-1] == "SHUTDOWN"
+
+
+def test_shutdown_ends_when_extensions_exit(tmp_path: Path, recorder: Recorder) -> None:
+    config = make_function(tmp_path, extensions={"quick": "ext.py"}, environment={"EXT_SHUTDOWN_S": "0.1"})
+
+    async def go() -> float:
+        async with open_environment(config, None, [recorder]) as env:
+            await env.invoke(b"{}")
+            started = env.now()
+            await env.shutdown()
+            return env.now() - started
+
+    assert run(go()) < 1.5
+    assert len(recorder.extension_says("exiting")) == 1
+
+
+def test_degraded_mode_says_what_differs(tmp_path: Path) -> None:
+    config = make_function(tmp_path, "handler.echo_env", extensions={"ext": "ext.py"})
+
+    async def go() -> tuple[tuple[str, ...], InvokeResult]:
+        async with open_environment(config, Options(isolate=False)) as env:
+            return env.degraded, await env.invoke(b'{"keys": ["LAMBDA_TASK_ROOT"]}')
+
+    degraded, result = run(go())
+    assert degraded and any("/var/task" in line for line in degraded)
+    assert body(result)["LAMBDA_TASK_ROOT"] != "/var/task"

@@ -767,3 +767,27 @@ def test_exit_description(returncode: int, text: str) -> None:
 @pytest.mark.parametrize(("duration", "billed"), [(0.0, 1), (0.2, 1), (1.0, 1), (1.001, 2), (250.5, 251)])
 def test_billed_ms_rounds_up_to_whole_milliseconds(duration: float, billed: int) -> None:
     assert billed_ms(duration) == billed
+
+
+def test_an_invoke_that_arrives_during_a_reset_waits_for_it_and_starts_the_next_init() -> None:
+    env = Env(timeout_s=1.0, extensions=("ext",))
+    env.do(InvokeRequested(invoke()))
+    env.do(ExtensionRegistered("ext", ("INVOKE", "SHUTDOWN"), "id-ext"))
+    env.at(0.25).do(RuntimeRequestedNext())
+    env.do(ExtensionRequestedNext("id-ext"))
+    env.at(1.25).do(DeadlinePassed(Timer.INVOKE))  # reset under way
+    assert env.phase is Phase.SHUTDOWN
+
+    assert env.at(1.3).do(InvokeRequested(invoke("req-2"))) == []  # queued, not refused
+    with pytest.raises(ApiError) as caught:
+        env.do(InvokeRequested(invoke("req-3")))  # only one may wait
+    assert caught.value.status == 403
+
+    env.at(1.4).do(ProcessExited(None, -15))
+    commands = env.at(1.5).do(ProcessExited("ext", 0))
+    assert_order(commands, "KillAll", "FinishShutdown", "platform.initStart", "StartExtension")
+    assert env.phase is Phase.INIT
+    env.do(ExtensionRegistered("ext", ("INVOKE",), "id-ext-2"))
+    env.at(1.7).do(RuntimeRequestedNext())
+    commands = env.do(ExtensionRequestedNext("id-ext-2"))
+    assert one(commands, DeliverInvoke).invoke.request_id == "req-2"
