@@ -7,13 +7,16 @@ import json
 import shutil
 import sys
 import zipfile
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
+
 from lambdabox.core.model import FunctionConfig, LayerConfig
-from lambdabox.environment import TelemetryEvent
+from lambdabox.environment import Environment, TelemetryEvent, open_environment
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -117,3 +120,25 @@ class Recorder:
         return found
 
 
+# ---- the test plays the runtime (and extensions) over HTTP: their processes only sleep ----
+
+SLEEPER = b"#!/bin/sh\nexec sleep 600\n"
+RUNTIME = "/2018-06-01/runtime"
+
+
+def sleeping_function(tmp_path: Path, extensions: tuple[str, ...] = ()) -> FunctionConfig:
+    code = tmp_path / "code"
+    code.mkdir(exist_ok=True)
+    (code / "bootstrap").write_bytes(SLEEPER)
+    (code / "bootstrap").chmod(0o755)
+    layers: tuple[LayerConfig, ...] = ()
+    if extensions:
+        files = {f"extensions/{name}": (SLEEPER, 0o755) for name in extensions}
+        layers = (LayerConfig("ext", build_layer(tmp_path / "ext.zip", files)),)
+    return FunctionConfig("Fn", "Fn", "provided.al2023", "app.handler", code, layers, timeout_s=5)
+
+
+@asynccontextmanager
+async def playing_runtime(config: FunctionConfig) -> AsyncIterator[tuple[Environment, aiohttp.ClientSession, str]]:
+    async with open_environment(config) as env, aiohttp.ClientSession() as http:
+        yield env, http, f"http://{env.runtime_api}"
