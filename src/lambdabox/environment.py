@@ -23,7 +23,9 @@ from typing import Any
 from aiohttp import web
 
 from lambdabox.api import extensions as extensions_api
+from lambdabox.api import logs as logs_api
 from lambdabox.api import runtime as runtime_api
+from lambdabox.api import telemetry as telemetry_api
 from lambdabox.api.render import render_errors
 from lambdabox.api.shell import SHELL
 from lambdabox.core import facts as f
@@ -31,6 +33,8 @@ from lambdabox.core.errors import ApiError, ConfigError
 from lambdabox.core.extensions import MAX_EXTENSIONS
 from lambdabox.core.lifecycle import INIT_TIMEOUT_S, Lifecycle, Settings, billed_ms
 from lambdabox.core.model import FunctionConfig, Outcome
+from lambdabox.core.telemetry import Subscription
+from lambdabox.delivery import TelemetryHub
 from lambdabox.sandbox.environ import extension_environment, function_environment, log_stream_name
 from lambdabox.sandbox.filesystem import StagedCode, stage_function
 from lambdabox.sandbox.isolation import Isolation, Layout, open_isolation
@@ -39,6 +43,8 @@ from lambdabox.sandbox.runtime import RuntimeCommand, resolve_runtime, runtime_d
 
 MIB = 1024 * 1024
 SHUTDOWN_SLACK_S = 5.0  # beyond Lambda's own deadlines, for the machine to reap what it killed
+FLUSH_BEFORE_SHUTDOWN_S = 0.5  # of the extensions' shutdown budget, to deliver the records produced so far
+PAUSE_BEFORE_FREEZE_S = 6.0  # a delivery in flight is let finish before its listener is frozen
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,12 @@ class Environment:
     def __init__(self, config: FunctionConfig, options: Options, observers: Iterable[Observer]) -> None:
         self.config = config
         self.options = options
-        self.observers = list(observers)
+        self.hub = TelemetryHub(
+            json_function_logs=config.environment.get("AWS_LAMBDA_LOG_FORMAT", "").upper() == "JSON",
+            epoch=self.now,
+            on_failing=self._subscriber_failing,
+        )
+        self.observers = [self.hub.observe, *observers]
         self._mono0, self._epoch0 = time.monotonic(), time.time()
         self._queue: asyncio.Queue[f.Command] = asyncio.Queue()
         self._procs: dict[str | None, OwnedProcess] = {}
@@ -147,6 +158,14 @@ class Environment:
         self._extension_waiters[identifier] = waiter
         self.submit(fact)
         return await waiter
+
+    def extension_name(self, identifier: str | None) -> str:
+        return self.lifecycle.registry.get(identifier).name
+
+    def subscribe(self, extension_name: str, subscription: Subscription) -> None:
+        emitted = self.hub.subscribe(extension_name, subscription)
+        if emitted is not None:
+            self._notify(TelemetryEvent(self.now(), *emitted))
 
     # ---- what callers use -------------------------------------------------------------------------------------
 
@@ -218,6 +237,8 @@ class Environment:
             case f.DeliverInvoke(invoke=invoke, deadline=deadline):
                 _resolve(self._runtime_waiter, (invoke, deadline))
             case f.DeliverExtensionEvent(identifier=identifier, event=event):
+                if event["eventType"] == "SHUTDOWN":
+                    await self._flush_telemetry(FLUSH_BEFORE_SHUTDOWN_S)
                 _resolve(self._extension_waiters.pop(identifier, None), event)
             case f.Respond(request_id=request_id, outcome=outcome):
                 _resolve(self._outcomes.get(request_id), outcome)
@@ -238,9 +259,13 @@ class Environment:
             case f.KillAll():
                 await self._kill_all()
             case f.Freeze():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PAUSE_BEFORE_FREEZE_S):
+                        await self.hub.pause()
                 await self._isolation.freeze()
             case f.Thaw():
                 await self._isolation.thaw()
+                self.hub.resume()
             case f.EmitPlatformEvent(type=type_, record=record, at=at):
                 self._notify(TelemetryEvent(at, type_, record))
             case f.FinishShutdown(reset=reset):
@@ -310,6 +335,14 @@ class Environment:
         )
         self._notify(TelemetryEvent(self.now(), "platform.report", report_record(report)))
         _resolve(self._reports.get(done.request_id), report)
+
+    async def _flush_telemetry(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.hub.flush()
+
+    def _subscriber_failing(self, name: str) -> None:
+        self._log("lambdabox", f"lambdabox: deliveries to {name}'s telemetry listener keep failing; retrying")
 
     def _deadline(self, timer: f.Timer) -> None:
         self._timers.pop(timer, None)
@@ -413,7 +446,8 @@ async def open_environment(
         )
         app = web.Application(middlewares=[render_errors], client_max_size=runtime_api.MAX_RESPONSE_BYTES * 2)
         app[SHELL] = env
-        app.add_routes(runtime_api.routes() + extensions_api.routes())
+        app[telemetry_api.SUBSCRIPTIONS] = env
+        app.add_routes(runtime_api.routes() + extensions_api.routes() + logs_api.routes() + telemetry_api.routes())
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
@@ -423,6 +457,7 @@ async def open_environment(
         env._api_address = f"{host}:{port}"
         worker = asyncio.get_running_loop().create_task(env._run_commands())
         stack.push_async_callback(_cancel, worker)
+        stack.push_async_callback(env.hub.close)
         try:
             yield env
         finally:

@@ -15,7 +15,7 @@ import shlex
 import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,25 +45,21 @@ def _under(path: str, top: str) -> str | None:
     return path[len(top) + 1 :] if path.startswith(top + "/") else None
 
 
-def _has_submounts(parent: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(_under(line.split()[4], parent) is not None for line in f)
-
-
 def _holder_script(layout: Layout, hosts: Path) -> str:
     """The shell script the namespace's holder runs: mounts, then `ready`, then wait for stdin EOF."""
     q = shlex.quote
     task, opt, tmp = (str(p.resolve()) for p in (layout.task, layout.opt, layout.tmp))
     keep = sorted(os.path.realpath(p) for p in layout.keep if os.path.exists(p))
     lines = ["set -e", "exec 3</tmp"]  # the host's /tmp, to reach kept paths once it is covered
+    with open("/proc/self/mountinfo") as f:
+        mounted = [line.split()[4] for line in f]
     for point in _MOUNTPOINTS:
+        parent = os.path.dirname(point)
         if os.path.isdir(point):
             continue
-        parent = os.path.dirname(point)
-        if parent != "/" and os.path.isdir(parent) and not _has_submounts(parent):
-            # Make the mountpoint in this namespace only: a private overlay (upper layer on a
-            # tmpfs) over its parent, so the host's directory stays untouched.
-            # n counts what got mounted, to undo it if a later step fails.
+        if parent != "/" and os.path.isdir(parent) and not any(_under(m, parent) for m in mounted):
+            # Make the mountpoint in this namespace only: a private overlay (upper layer on a tmpfs)
+            # over its parent, so the host's directory stays untouched. n counts mounts to undo.
             up, work = q(parent + "/.u"), q(parent + "/.w")
             lines.append(
                 f"n=0; {{ exec 5<{q(parent)} && mount -t tmpfs -o mode=755 lambdabox {q(parent)} && n=1"
@@ -71,8 +67,8 @@ def _holder_script(layout: Layout, hosts: Path) -> str:
                 f"workdir={work} lambdabox {q(parent)} && n=2 && mkdir {q(point)}; }}"
                 f' || while [ "$n" -gt 0 ]; do umount {q(parent)}; n=$((n - 1)); done; exec 5<&-'
             )
-        # Fallback (no overlay, or a parent like / that cannot be overlaid): an empty directory on
-        # the host's filesystem, only when nothing is there; no existing content is touched.
+        # Fallback (no overlay, or a parent like / that cannot be overlaid): an empty directory on the
+        # host's filesystem, made only where nothing exists; no existing content is touched.
         lines.append(f"[ -d {q(point)} ] || mkdir -p {q(point)}")
     lines += [
         "exec 4</opt",  # the host's /opt, likewise
@@ -80,19 +76,14 @@ def _holder_script(layout: Layout, hosts: Path) -> str:
         f"mount -c -o bind,ro {q(task)} /var/task",
         f"mount -c --bind {q(opt)} /opt",
     ]
-    # Mountpoints for kept paths are made inside the layout's opt and tmp dirs (empty dirs).
+    # Kept paths get (empty) mountpoints inside the layout's opt and tmp dirs.
     for top, fd in (("/opt", 4), ("/tmp", 3)):
         if top == "/tmp":
             lines.append(f"mount -c --bind {q(tmp)} /tmp")
         for path in keep:
-            rest = _under(path, top)
-            if rest is None:
-                continue
-            if os.path.isdir(path):
-                lines.append(f"mkdir -p {q(path)}")
-            else:
-                lines.append(f"mkdir -p {q(os.path.dirname(path))} && : >> {q(path)}")
-            lines.append(f"mount -c --bind /proc/self/fd/{fd}/{q(rest)} {q(path)}")
+            if (rest := _under(path, top)) is not None:
+                made = q(path) if os.path.isdir(path) else f"{q(os.path.dirname(path))} && : >> {q(path)}"
+                lines.append(f"mkdir -p {made} && mount -c --bind /proc/self/fd/{fd}/{q(rest)} {q(path)}")
         if top == "/opt":
             lines.append("mount -c -o remount,bind,ro /opt")
     lines += ["exec 3<&- 4<&-", "echo ready", "exec cat >/dev/null"]  # holds until stdin closes
@@ -108,10 +99,8 @@ def _probe_namespace() -> str | None:
             return f"{tool} not found"
     if not os.path.exists("/proc/self/ns/mnt"):
         return "the kernel has no mount namespaces"
-    for point in (*_MOUNTPOINTS, "/etc/hosts", "/tmp"):
-        if os.path.islink(point):
-            return f"{point} is a symbolic link"
-    return None
+    links = [p for p in (*_MOUNTPOINTS, "/etc/hosts", "/tmp") if os.path.islink(p)]
+    return f"{links[0]} is a symbolic link" if links else None
 
 
 def _write_hosts() -> Path:
@@ -143,6 +132,7 @@ class Isolation:
         self.memory_mb = memory_mb
         self.degraded: tuple[str, ...] = ()
         self._holder: asyncio.subprocess.Process | None = None
+        self._nsenter = "nsenter"
         self._hosts_dir: Path | None = None
         self._memory: Path | None = None
         self._freezer: Path | None = None
@@ -151,9 +141,6 @@ class Isolation:
         self._frozen = False
         self._peak = 0
         self._sampler: asyncio.Task[None] | None = None
-        self._nsenter = "nsenter"
-
-    # ---- spawning ---------------------------------------------------------------------------------
 
     def command(self, argv: Sequence[str], *, cwd: str = "/var/task") -> list[str]:
         """The argv to spawn so that the process (and every child it makes) runs in the environment.
@@ -163,7 +150,7 @@ class Isolation:
         """
         steps = [f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}" for cg in self._cgroups()]
         prefix: list[str] = []
-        if self._holder is not None:  # (nsenter --wd opens its directory before entering)
+        if self._holder is not None:  # (not nsenter --wd: it opens the directory before entering)
             prefix = [self._nsenter, f"--mount=/proc/{self._holder.pid}/ns/mnt", "--"]
             steps.append(f"cd {shlex.quote(cwd)}")
         if steps:
@@ -181,19 +168,17 @@ class Isolation:
         for top, host in (("/var/task", self.layout.task), ("/opt", self.layout.opt), ("/tmp", self.layout.tmp)):
             if lambda_path == top:
                 return str(host)
-            rest = _under(lambda_path, top)
-            if rest is not None:
+            if (rest := _under(lambda_path, top)) is not None:
                 return str(host / rest)
         return lambda_path
-
-    def _cgroups(self) -> tuple[Path, ...]:
-        return (self._memory, self._freezer) if self._memory and self._freezer else ()
 
     def register(self, pid: int) -> None:
         """Track a process started with ``command()`` (needed in degraded mode, harmless otherwise)."""
         self._registered.add(pid)
 
-    # ---- accounting and control --------------------------------------------------------------------
+    def _cgroups(self) -> tuple[Path, ...]:
+        # Freezer first: then whatever the memory cgroup counts can also be frozen.
+        return (self._freezer, self._memory) if self._memory and self._freezer else ()
 
     def pids(self) -> list[int]:
         """Every live process of the environment."""
@@ -203,14 +188,9 @@ class Isolation:
         for pid in list(self._registered):
             try:
                 root = psutil.Process(pid)
-                tree = [root, *root.children(recursive=True)]
+                found.update(p.pid for p in [root, *root.children(recursive=True)] if _status(p.pid) not in ("Z", None))
             except psutil.NoSuchProcess:
                 self._registered.discard(pid)
-                continue
-            for proc in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    if proc.status() != psutil.STATUS_ZOMBIE:
-                        found.add(proc.pid)
         return sorted(found)
 
     def peak_memory_bytes(self) -> int:
@@ -226,9 +206,8 @@ class Isolation:
         if self._memory is None:
             return 0
         for line in (self._memory / "memory.oom_control").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
         return int((self._memory / "memory.failcnt").read_text())
 
     def oom_killed(self) -> bool:
@@ -236,55 +215,39 @@ class Isolation:
         return self.oom_kill_count() > 0
 
     async def freeze(self) -> None:
+        """Freeze every process of the environment (cgroup freezer, else SIGSTOP); bounded wait."""
         if self._freezer is not None:
-            await self._set_freezer("FROZEN")
-            return
+            return await self._set_freezer("FROZEN")
         self._frozen = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE_S
-        while new := [p for p in self.pids() if p not in self._stopped]:  # repeat: they may fork
-            for pid in new:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
-                self._stopped.add(pid)
-            if loop.time() > deadline:
-                raise SandboxError("freeze: processes keep appearing")
-        await _poll(lambda: all(_stopped_or_gone(p) for p in self._stopped), "freeze (SIGSTOP)")
+
+        def all_stopped() -> bool:  # list again each time: they may have forked meanwhile
+            self._stopped.update(_kill(signal.SIGSTOP, [p for p in self.pids() if p not in self._stopped]))
+            return all(_status(p) in ("T", "Z", None) for p in self._stopped)
+
+        await _poll(all_stopped, "freeze (SIGSTOP)")
 
     async def thaw(self) -> None:
         if self._freezer is not None:
-            await self._set_freezer("THAWED")
-            return
-        for pid in self._stopped | set(self.pids()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+            return await self._set_freezer("THAWED")
+        _kill(signal.SIGCONT, self._stopped | set(self.pids()))
         self._stopped.clear()
         self._frozen = False
 
     async def kill_all(self) -> None:
-        """SIGKILL everything in the environment and wait (bounded) until none is left."""
-        frozen = False
-        if self._freezer is not None:  # freeze first so nothing forks between listing and killing
+        """SIGKILL everything in the environment and wait (bounded) until none is left.
+
+        A process whose ``command()`` prefix has not joined the cgroups yet is not seen here (the
+        teardown catches it); do not spawn while this runs.
+        """
+        if self._freezer is not None:  # frozen first, so that nothing forks between listing and killing
             with contextlib.suppress(SandboxError, OSError):
                 await self._set_freezer("FROZEN")
-                frozen = True
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill(signal.SIGKILL, self.pids())
         if self._freezer is not None:
             await self._set_freezer("THAWED")  # frozen tasks die only once thawed
-        else:
-            self._stopped.clear()
-            self._frozen = False
-
-        def empty() -> bool:
-            left = self.pids()
-            for pid in left:  # late forks
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            return not left
-
-        await _poll(empty, f"kill_all (frozen first: {frozen})")
+        self._stopped.clear()
+        self._frozen = False
+        await _poll(lambda: not _kill(signal.SIGKILL, self.pids()), "kill_all")  # late forks too
 
     async def _set_freezer(self, state: str) -> None:
         assert self._freezer is not None
@@ -305,66 +268,58 @@ class Isolation:
                 await asyncio.to_thread(self._sample)
             await asyncio.sleep(SAMPLE_EVERY_S)
 
-    # ---- setup and teardown --------------------------------------------------------------------------
-
     def _make_cgroups(self, name: str) -> str | None:
         """Create the memory and freezer cgroups; None, or why they cannot be had."""
         if os.geteuid() != 0:
             return "not root"
-        if not (CGROUP_ROOT / "memory" / "memory.limit_in_bytes").exists():
-            return f"no cgroup v1 memory controller at {CGROUP_ROOT / 'memory'}"
-        if not (CGROUP_ROOT / "freezer" / "cgroup.procs").exists():
-            return f"no cgroup v1 freezer controller at {CGROUP_ROOT / 'freezer'}"
+        for controller, probe in (("memory", "memory.limit_in_bytes"), ("freezer", "cgroup.procs")):
+            if not (CGROUP_ROOT / controller / probe).exists():
+                return f"no cgroup v1 {controller} controller at {CGROUP_ROOT / controller}"
         leaf = f"lambdabox-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}-{secrets.token_hex(4)}"
+        limit = self.memory_mb * 1024 * 1024
         try:
-            memory = CGROUP_ROOT / "memory" / leaf
-            memory.mkdir()
+            (memory := CGROUP_ROOT / "memory" / leaf).mkdir()
             self._memory = memory
-            limit = self.memory_mb * 1024 * 1024
             (memory / "memory.limit_in_bytes").write_text(str(limit))
             if int((memory / "memory.limit_in_bytes").read_text()) != limit:
                 raise OSError(f"memory.limit_in_bytes did not take {limit}")
-            with contextlib.suppress(OSError):  # swap accounting may be off: then there is no memsw file
+            with contextlib.suppress(OSError):  # no such file when swap accounting is off
                 (memory / "memory.memsw.limit_in_bytes").write_text(str(limit))
-            freezer = CGROUP_ROOT / "freezer" / leaf
-            freezer.mkdir()
+            (freezer := CGROUP_ROOT / "freezer" / leaf).mkdir()
             self._freezer = freezer
             if not (freezer / "freezer.state").exists():
                 raise OSError(f"{freezer} has no freezer.state")
         except OSError as e:
-            for cg in (self._memory, self._freezer):
-                if cg is not None:
-                    with contextlib.suppress(OSError):
-                        cg.rmdir()
+            for cg in (c for c in (self._memory, self._freezer) if c is not None):
+                with contextlib.suppress(OSError):
+                    cg.rmdir()
             self._memory = self._freezer = None
             return f"cannot set up cgroups: {e}"
         return None
 
     async def _start_holder(self) -> str | None:
         """Start the namespace's holder; None, or why there can be no mount namespace."""
-        why = _probe_namespace()
-        if why is not None:
+        if (why := _probe_namespace()) is not None:
             return why
         self._nsenter = shutil.which("nsenter") or "nsenter"
         hosts = _write_hosts()
         self._hosts_dir = hosts.parent
-        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _holder_script(self.layout, hosts)]
-        self._holder = await asyncio.create_subprocess_exec(
-            *argv,
+        script = _holder_script(self.layout, hosts)
+        self._holder = holder = await asyncio.create_subprocess_exec(
+            *["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        assert self._holder.stdout is not None and self._holder.stderr is not None
-        line = b""
+        assert holder.stdout is not None and holder.stderr is not None
+        line = err = b""
         with contextlib.suppress(TimeoutError):
-            line = await asyncio.wait_for(self._holder.stdout.readline(), DEADLINE_S)
+            line = await asyncio.wait_for(holder.stdout.readline(), DEADLINE_S)
         if line == b"ready\n":
             return None
-        err = b""
         with contextlib.suppress(TimeoutError):
-            err = await asyncio.wait_for(self._holder.stderr.read(4096), 0.5)
+            err = await asyncio.wait_for(holder.stderr.read(4096), 0.5)
         await self._stop_holder()
         return f"namespace setup failed: {err.decode(errors='replace').strip() or 'no ready signal'}"
 
@@ -373,7 +328,7 @@ class Isolation:
         if holder is None:
             return
         if holder.stdin is not None:
-            holder.stdin.close()
+            holder.stdin.close()  # its `cat` sees EOF and exits
         try:
             await asyncio.wait_for(holder.wait(), DEADLINE_S)
         except TimeoutError:
@@ -411,14 +366,11 @@ class Isolation:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
-            self._sampler = None
         try:
             await self.kill_all()
         except (SandboxError, OSError) as e:
             problems.append(str(e))
-        for cg in (self._memory, self._freezer):
-            if cg is None:
-                continue
+        for cg in self._cgroups():
             try:
                 await _poll(functools.partial(_try_rmdir, cg), f"rmdir {cg}")
             except SandboxError as e:
@@ -430,7 +382,6 @@ class Isolation:
             problems.append(f"namespace holder did not stop: {e!r}")
         if self._hosts_dir is not None:
             shutil.rmtree(self._hosts_dir, ignore_errors=True)
-            self._hosts_dir = None
         return problems
 
 
@@ -441,7 +392,18 @@ def _read_pids(cgroup: Path) -> set[int]:
         return set()
 
 
+def _kill(sig: int, pids: Iterable[int]) -> list[int]:
+    """Send ``sig`` to each pid (gone ones are skipped); the pids."""
+    pids = list(pids)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return pids
+
+
 def _try_rmdir(path: Path) -> bool:
+    """Remove a cgroup, killing what is in it (a process spawned just before kill_all joins late)."""
+    _kill(signal.SIGKILL, _read_pids(path))
     try:
         path.rmdir()
     except FileNotFoundError:
@@ -451,11 +413,13 @@ def _try_rmdir(path: Path) -> bool:
     return True
 
 
-def _stopped_or_gone(pid: int) -> bool:
+def _status(pid: int) -> str | None:
+    """The state letter from /proc/<pid>/stat (R, S, D, T, Z...), None when gone."""
     try:
-        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 @asynccontextmanager
@@ -468,7 +432,7 @@ async def open_isolation(
         await iso._open(name, isolate)
         yield iso
     except BaseException:
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(BaseException):  # the body's exception is the one to report
             await asyncio.shield(asyncio.ensure_future(iso._close()))
         raise
     problems = await asyncio.shield(asyncio.ensure_future(iso._close()))

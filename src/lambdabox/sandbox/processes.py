@@ -243,8 +243,13 @@ class OwnedProcess:
                     break
                 await asyncio.sleep(0.005)
             self.signal(signals.SIGKILL)
+        kill_deadline = loop.time() + KILL_BOUND_S
         try:
             returncode = await asyncio.wait_for(self._proc.wait(), KILL_BOUND_S)
+            while loop.time() < kill_deadline:  # the rest of the group dies asynchronously too
+                if not self._group_alive():
+                    break
+                await asyncio.sleep(0.002)
         except TimeoutError:
             raise SandboxError(f"{self.label} (pid {self.pid}) still alive {KILL_BOUND_S}s after SIGKILL") from None
         finally:
@@ -261,8 +266,10 @@ class OwnedProcess:
             return True
         if self._proc.returncode is None:
             return True
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
                 try:
                     with open(f"/proc/{entry.name}/stat", "rb") as f:
                         fields = f.read().rsplit(b")", 1)[1].split()

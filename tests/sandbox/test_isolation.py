@@ -1,0 +1,319 @@
+"""Isolation: mount namespace (layout, /etc/hosts, kept paths), cgroups (limit, peak, OOM, freezer),
+teardown, and the degraded mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from lambdabox.core.errors import SandboxError
+from lambdabox.sandbox import isolation
+from lambdabox.sandbox.isolation import CGROUP_ROOT, Isolation, Layout, open_isolation
+from lambdabox.sandbox.processes import OwnedProcess
+
+T = TypeVar("T")
+PY = sys.executable
+FULL = os.geteuid() == 0 and (CGROUP_ROOT / "memory" / "memory.limit_in_bytes").exists()
+needs_full = pytest.mark.skipif(not FULL, reason="needs root and cgroup v1 memory+freezer")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def make_layout(root: Path, keep: tuple[Path, ...] = ()) -> Layout:
+    layout = Layout(task=root / "task", opt=root / "opt", tmp=root / "tmp", keep=keep)
+    for d, marker in ((layout.task, "handler.py"), (layout.opt, "layer.txt"), (layout.tmp, "scratch.txt")):
+        d.mkdir(parents=True)
+        (d / marker).write_text(marker)
+    return layout
+
+
+async def spawn(iso: Isolation, code: str, records: list[str], cwd: str = "/var/task") -> OwnedProcess:
+    proc = await OwnedProcess.start(
+        iso.command([PY, "-c", code], cwd=cwd),
+        env=dict(os.environ),
+        cwd=iso.host_cwd(cwd),
+        label="fn",
+        on_record=lambda _label, text: records.append(text),
+    )
+    iso.register(proc.pid)
+    return proc
+
+
+async def poll_until(check: Any, within: float = 10.0) -> None:
+    """Bounded poll loop: re-check every few ms until true, fail at the deadline."""
+    async with asyncio.timeout(within):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.005)
+
+
+def read_counter(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+COUNTER = (
+    "import os, time\n"
+    "i = 0\n"
+    "while True:\n"
+    "    i += 1\n"
+    "    with open('{tmp}/counter.new', 'w') as f: f.write(str(i))\n"
+    "    os.replace('{tmp}/counter.new', '{tmp}/counter')\n"
+    "    time.sleep(0.001)\n"
+)
+
+
+@needs_full
+def test_namespace_shows_layout_hosts_and_kept_paths(tmp_path: Path) -> None:
+    kept = tmp_path / "kept-venv"  # lies under the host's /tmp, which the layout's tmp hides
+    kept.mkdir()
+    (kept / "marker").write_text("kept")
+    layout = make_layout(tmp_path / "env", keep=(kept,))
+    code = (
+        "import json, os, socket\n"
+        "def writable(p):\n"
+        "    try:\n"
+        "        open(p, 'w').close(); return True\n"
+        "    except OSError: return False\n"
+        "print(json.dumps({'task': os.listdir('/var/task'), 'opt': os.listdir('/opt'),\n"
+        "  'tmp': sorted(os.listdir('/tmp')), 'cwd': os.getcwd(),\n"
+        f"  'kept': open({str(kept / 'marker')!r}).read(),\n"
+        "  'ip': socket.gethostbyname('sandbox.localdomain'), 'ip2': socket.gethostbyname('sandbox'),\n"
+        "  'task_w': writable('/var/task/x'), 'opt_w': writable('/opt/x'), 'tmp_w': writable('/tmp/x')}))\n"
+    )
+
+    async def body() -> tuple[dict[str, Any], Isolation]:
+        records: list[str] = []
+        async with open_isolation(layout, memory_mb=256, name="ns") as iso:
+            assert iso.degraded == ()
+            assert iso.path("/opt/extensions") == "/opt/extensions"
+            assert await (await spawn(iso, code, records)).wait_exit() == 0, records
+        return json.loads(records[-1]), iso
+
+    seen, _ = run(body())
+    assert seen["task"] == ["handler.py"]
+    assert seen["opt"] == ["layer.txt"]
+    assert "scratch.txt" in seen["tmp"]
+    assert seen["cwd"] == "/var/task"
+    assert seen["kept"] == "kept"
+    assert seen["ip"] == seen["ip2"] == "127.0.0.1"
+    assert (seen["task_w"], seen["opt_w"], seen["tmp_w"]) == (False, False, True)
+    assert (layout.tmp / "x").exists()  # the environment's /tmp is the layout's tmp dir
+    assert not Path("/opt/layer.txt").exists()  # nothing leaked into the host's mount table
+    assert "sandbox.localdomain" not in Path("/etc/hosts").read_text()
+
+
+@needs_full
+def test_memory_hog_is_oom_killed(tmp_path: Path) -> None:
+    hog = "chunks = []\nwhile True:\n    chunks.append(b'x' * (4 << 20))\n"
+
+    async def body() -> tuple[int, bool, bool, int]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=64, name="oom") as iso:
+            before = iso.oom_killed()
+            rc = await (await spawn(iso, hog, [])).wait_exit()
+            return rc, before, iso.oom_killed(), iso.peak_memory_bytes()
+
+    rc, before, after, peak = run(body())
+    assert rc == -signal.SIGKILL
+    assert (before, after) == (False, True)
+    assert peak <= 64 << 20
+
+
+@needs_full
+def test_peak_memory_grows_after_a_child_allocates_50_mb(tmp_path: Path) -> None:
+    alloc = "import time\nblob = b'x' * (50 << 20)\nprint('allocated', flush=True)\ntime.sleep(600)\n"
+
+    async def body() -> tuple[int, int]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=512, name="peak") as iso:
+            records: list[str] = []
+            idle = await spawn(iso, "print('up')", records)
+            assert await idle.wait_exit() == 0
+            base = iso.peak_memory_bytes()
+            proc = await spawn(iso, alloc, records)
+            await poll_until(lambda: "allocated" in records)
+            await proc.stop(1)
+            return base, iso.peak_memory_bytes()
+
+    base, peak = run(body())
+    assert peak - base >= 45 << 20
+
+
+async def _freeze_roundtrip(iso: Isolation, counter: Path, tmp_in_env: str) -> tuple[int, int, int]:
+    proc = await spawn(iso, COUNTER.format(tmp=tmp_in_env), [])
+    await poll_until(lambda: read_counter(counter) > 5)
+    await iso.freeze()
+    frozen_at = read_counter(counter)
+    # Frozen: the counter must not move during a bounded observation window.
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 0.3
+    while loop.time() < until:
+        assert read_counter(counter) == frozen_at
+        await asyncio.sleep(0.01)
+    still = read_counter(counter)
+    await iso.thaw()
+    await poll_until(lambda: read_counter(counter) > still + 5)
+    resumed = read_counter(counter)
+    await proc.stop(1)
+    return frozen_at, still, resumed
+
+
+@needs_full
+def test_freeze_stops_a_counting_child_and_thaw_resumes_it(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+
+    async def body() -> tuple[int, int, int]:
+        async with open_isolation(layout, memory_mb=256, name="freeze") as iso:
+            return await _freeze_roundtrip(iso, layout.tmp / "counter", "/tmp")
+
+    frozen_at, still, resumed = run(body())
+    assert still == frozen_at
+    assert resumed > still
+
+
+@needs_full
+def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
+    async def body() -> tuple[list[Path], int, list[int], Path | None]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="gone") as iso:
+            records: list[str] = []
+            proc = await spawn(iso, "import time; print('up', flush=True); time.sleep(600)", records)
+            await poll_until(lambda: "up" in records)
+            assert iso.pids() == [proc.pid]
+            cgroups = [c for c in (iso._memory, iso._freezer) if c is not None]
+            assert len(cgroups) == 2 and all(c.is_dir() for c in cgroups)
+            assert iso._holder is not None
+            holder, hosts = iso._holder.pid, iso._hosts_dir
+            left = iso.pids()
+        await proc.wait_exit()  # killed by the teardown
+        return cgroups, holder, left, hosts
+
+    cgroups, holder, left, hosts = run(body())
+    assert not any(c.exists() for c in cgroups)
+    assert not psutil.pid_exists(holder)
+    assert all(not psutil.pid_exists(p) for p in left)
+    assert hosts is not None and not hosts.exists()
+    assert not [d for d in (CGROUP_ROOT / "memory").iterdir() if d.name.startswith("lambdabox-gone-")]
+
+
+@needs_full
+def test_teardown_also_when_the_body_raises(tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    async def body() -> None:
+        procs: list[OwnedProcess] = []
+        try:
+            async with open_isolation(make_layout(tmp_path), memory_mb=128, name="raise") as iso:
+                assert iso._memory is not None
+                seen.append(iso._memory)
+                procs.append(await spawn(iso, "import time; time.sleep(600)", []))
+                raise RuntimeError("boom")
+        finally:
+            # Killed by the teardown, or, had it not got in yet, refused by the removed cgroup (sh: 2)
+            # or the stopped namespace (nsenter: 1): it never outlives the environment.
+            codes = [await p.wait_exit() for p in procs]
+            assert len(codes) == 1 and codes[0] in (-signal.SIGKILL, 1, 2), codes
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(body())
+    assert seen and not seen[0].exists()
+
+
+def test_degraded_mode_maps_paths_freezes_by_signal_and_samples_memory(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    alloc = "import time\nblob = b'x' * (50 << 20)\nprint('allocated', flush=True)\ntime.sleep(600)\n"
+
+    async def body() -> tuple[Isolation, tuple[int, int, int], int, int, list[int]]:
+        async with open_isolation(layout, memory_mb=128, name="deg", isolate=False) as iso:
+            assert iso.command(["x", "y"]) == ["x", "y"]
+            assert iso.path("/opt/extensions") == str(layout.opt / "extensions")
+            assert iso.path("/var/task") == str(layout.task)
+            assert iso.path("/etc/passwd") == "/etc/passwd"
+            assert iso.host_cwd() == str(layout.task)
+            counts = await _freeze_roundtrip(iso, layout.tmp / "counter", str(layout.tmp))
+            base = iso.peak_memory_bytes()
+            records: list[str] = []
+            hog = await spawn(iso, alloc, records)
+            await poll_until(lambda: "allocated" in records)
+            peak = iso.peak_memory_bytes()
+            pids = iso.pids()
+            assert hog.pid in pids
+            await iso.kill_all()
+            assert await hog.wait_exit() == -signal.SIGKILL
+            assert not iso.oom_killed()
+        return iso, counts, base, peak, pids
+
+    iso, (frozen_at, still, resumed), base, peak, _ = run(body())
+    assert still == frozen_at and resumed > still
+    assert peak - base >= 45 << 20
+    text = " | ".join(iso.degraded)
+    assert "no mount namespace" in text and str(layout.task) in text
+    assert "no memory limit" in text
+    assert "/etc/hosts unchanged" in text
+
+
+def test_missing_layout_dir_is_refused(tmp_path: Path) -> None:
+    layout = Layout(task=tmp_path / "nope", opt=tmp_path, tmp=tmp_path)
+
+    async def body() -> None:
+        async with open_isolation(layout, memory_mb=128, name="bad"):
+            raise AssertionError("should not open")
+
+    with pytest.raises(SandboxError, match=r"layout\.task"):
+        run(body())
+
+
+@needs_full
+def test_namespace_without_cgroups_degrades_only_the_accounting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(isolation, "CGROUP_ROOT", tmp_path / "no-cgroups")
+    layout = make_layout(tmp_path / "env")
+
+    async def body() -> tuple[tuple[str, ...], list[str], tuple[int, int, int]]:
+        async with open_isolation(layout, memory_mb=128, name="nocg") as iso:
+            records: list[str] = []
+            proc = await spawn(iso, "import os; print(os.listdir('/var/task'), os.getcwd())", records, "/opt")
+            assert await proc.wait_exit() == 0, records
+            counts = await _freeze_roundtrip(iso, layout.tmp / "counter", "/tmp")
+            return iso.degraded, records, counts
+
+    degraded, records, (frozen_at, still, resumed) = run(body())
+    assert records == ["['handler.py'] /opt"]
+    assert any(d.startswith("no memory limit") for d in degraded)
+    assert not any("mount namespace" in d for d in degraded)
+    assert still == frozen_at and resumed > still
+
+
+@needs_full
+def test_cgroups_without_namespace_when_the_holder_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(isolation, "_holder_script", lambda *_: "echo 'mount: permission denied' >&2; exit 1")
+    layout = make_layout(tmp_path)
+
+    async def body() -> tuple[tuple[str, ...], list[int], int, list[str]]:
+        async with open_isolation(layout, memory_mb=128, name="nons") as iso:
+            records: list[str] = []
+            proc = await spawn(iso, "import os, time; print(os.getcwd(), flush=True); time.sleep(600)", records)
+            await poll_until(lambda: bool(records))
+            pids = iso.pids()
+            await iso.kill_all()
+            return iso.degraded, pids, await proc.wait_exit(), records
+
+    degraded, pids, rc, records = run(body())
+    assert "no mount namespace (namespace setup failed: mount: permission denied)" in degraded[0]
+    assert not any("memory limit" in d for d in degraded)
+    assert len(pids) == 1
+    assert rc == -signal.SIGKILL
+    assert records == [str(layout.task)]

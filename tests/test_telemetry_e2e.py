@@ -1,0 +1,196 @@
+"""Logs API and Telemetry API end to end: real subscriber extensions over HTTP and TCP, a collector in the test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from lambdabox.core.model import FunctionConfig, LambdaFailure, Response
+from lambdabox.environment import Environment, InvokeResult, Options, open_environment
+from support import Recorder, make_function, run
+
+
+class Collector:
+    """What the subscriber extensions forward: every record they received, in arrival order."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+        self.changed = asyncio.Condition()
+        self.url = ""
+
+    async def receive(self, request: web.Request) -> web.Response:
+        self.batches.append(await request.json())
+        async with self.changed:
+            self.changed.notify_all()
+        return web.Response()
+
+    def records(self, ext: str | None = None) -> list[dict[str, Any]]:
+        return [r for b in self.batches if ext is None or b["ext"] == ext for r in b["records"]]
+
+    def types(self, ext: str | None = None) -> list[str]:
+        return [r["type"] for r in self.records(ext)]
+
+    async def wait_for(self, check: Callable[[], bool], seconds: float = 10.0) -> None:
+        async with asyncio.timeout(seconds), self.changed:
+            await self.changed.wait_for(check)
+
+
+@asynccontextmanager
+async def collector() -> AsyncIterator[Collector]:
+    sink = Collector()
+    app = web.Application()
+    app.router.add_post("/", sink.receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    sink.url = f"http://{host}:{port}/"
+    try:
+        yield sink
+    finally:
+        await runner.cleanup()
+
+
+def subscriber_function(
+    tmp_path: Path, handler: str = "handler.logs", settings: Mapping[str, str] | None = None, **kwargs: Any
+) -> Callable[[str], FunctionConfig]:
+    def build(sink_url: str) -> FunctionConfig:
+        env = {"TEL_SINK": sink_url, **(settings or {})}
+        return make_function(tmp_path, handler, extensions={"sub": "telemetry_ext.py"}, environment=env, **kwargs)
+
+    return build
+
+
+Scenario = Callable[[Environment, Collector], Any]
+
+
+def scenario(
+    build: Callable[[str], FunctionConfig], body: Scenario, recorder: Recorder | None = None, freeze: bool = True
+) -> Any:
+    """Run ``body`` in an environment; the collector outlives it, so records flushed at SHUTDOWN are seen."""
+
+    async def go() -> Any:
+        async with collector() as sink:
+            config = build(sink.url)
+            async with open_environment(config, Options(freeze=freeze), [recorder] if recorder else []) as env:
+                result = await body(env, sink)
+            return result, sink
+
+    return run(go(), timeout=60)
+
+
+def test_telemetry_http_cold_invoke_order_and_shapes(tmp_path: Path) -> None:
+    async def body(env: Environment, sink: Collector) -> InvokeResult:
+        return await env.invoke(b"{}")  # frozen after it: its records are flushed before SHUTDOWN
+
+    result, sink = scenario(subscriber_function(tmp_path), body)
+    types = [t for t in sink.types() if t != "test.subscribed"]
+    platform = [t for t in types if t.startswith("platform.")]
+    assert platform[:2] == ["platform.initStart", "platform.extension"]
+    assert platform.index("platform.telemetrySubscription") < platform.index("platform.initRuntimeDone")
+    assert platform[-5:] == [
+        "platform.initRuntimeDone", "platform.initReport", "platform.start", "platform.runtimeDone", "platform.report",
+    ]  # fmt: skip
+    start, report = types.index("platform.start"), types.index("platform.report")
+    assert "function" in types[start:report]
+    records = {r["type"]: r for r in sink.records()}
+    assert records["platform.telemetrySubscription"]["record"] == {
+        "name": "sub", "state": "Subscribed", "types": ["platform", "function", "extension"],
+    }  # fmt: skip
+    runtime_done = records["platform.runtimeDone"]["record"]
+    assert runtime_done["requestId"] == result.request_id and runtime_done["status"] == "success"
+    assert [s["name"] for s in runtime_done["spans"]] == ["responseLatency", "responseDuration"]
+    metrics = records["platform.report"]["record"]["metrics"]
+    assert set(metrics) >= {"durationMs", "billedDurationMs", "memorySizeMB", "maxMemoryUsedMB", "initDurationMs"}
+    assert records["platform.start"]["time"].endswith("Z") and len(records["platform.start"]["time"]) == 24
+    lines = [r["record"] for r in sink.records() if r["type"] == "function"]
+    assert "line one" in lines and any("multi\nline record" in line for line in lines)
+    (subscribed,) = [r["record"] for r in sink.records() if r["type"] == "test.subscribed"]
+    assert subscribed == {"status": 200, "body": '"OK"'}
+
+
+def test_logs_api_over_tcp_with_the_older_shapes(tmp_path: Path) -> None:
+    settings = {"TEL_API": "logs", "TEL_PROTOCOL": "TCP", "TEL_BUFFERING": '{"timeoutMs": 25}'}
+
+    async def body(env: Environment, sink: Collector) -> list[InvokeResult]:
+        return [await env.invoke(b"{}"), await env.invoke(b"{}")]
+
+    results, sink = scenario(subscriber_function(tmp_path, settings=settings), body)
+    types = sink.types()
+    assert "platform.initStart" not in types  # Telemetry-only
+    assert "platform.logsSubscription" in types and "platform.telemetrySubscription" not in types
+    starts = [r["record"] for r in sink.records() if r["type"] == "platform.start"]
+    assert [s["requestId"] for s in starts] == [r.request_id for r in results]
+    ends = [r["record"] for r in sink.records() if r["type"] == "platform.end"]
+    assert [e["requestId"] for e in ends] == [r.request_id for r in results]
+    done = [r["record"] for r in sink.records() if r["type"] == "platform.runtimeDone"]
+    assert [d["status"] for d in done] == ["success", "success"]  # schema 2021-03-18 has runtimeDone
+
+
+def test_refused_deliveries_are_retried_without_loss_or_duplicates(tmp_path: Path, recorder: Recorder) -> None:
+    settings = {"TEL_FAIL_FIRST": "3", "TEL_TYPES": "function", "TEL_BUFFERING": '{"timeoutMs": 25}'}
+
+    async def body(env: Environment, sink: Collector) -> None:
+        await env.invoke(b"{}")
+
+    _, sink = scenario(subscriber_function(tmp_path, settings=settings), body, recorder)
+    delivered = [r["record"] for r in sink.records() if r["type"] == "function"]
+    assert delivered == recorder.lines("runtime")  # every line once, in order
+
+
+def test_slow_subscriber_drops_are_counted_exactly(tmp_path: Path, recorder: Recorder) -> None:
+    settings = {"TEL_SLOW_MS": "300", "TEL_TYPES": "function", "TEL_BUFFERING": '{"timeoutMs": 25, "maxItems": 1000}'}
+    build = subscriber_function(tmp_path, "handler.many_lines", settings)
+
+    async def body(env: Environment, sink: Collector) -> None:
+        await env.invoke(b'{"lines": 20000}')
+        produced = len(recorder.lines("runtime"))
+
+        def settled() -> bool:
+            delivered = sum(r["type"] == "function" for r in sink.records())
+            dropped = sum(r["record"]["droppedRecords"] for r in sink.records() if r["type"] == "platform.logsDropped")
+            return delivered + dropped == produced
+
+        await sink.wait_for(settled, seconds=30)
+
+    _, sink = scenario(build, body, recorder, freeze=False)
+    drops = [r["record"] for r in sink.records() if r["type"] == "platform.logsDropped"]
+    assert drops and all(d["droppedRecords"] > 0 and d["droppedBytes"] > 0 and d["reason"] for d in drops)
+    assert len(recorder.lines("runtime")) >= 20000  # the local log keeps every record whatever the subscriber does
+
+
+def test_timeout_records_reach_the_subscriber_before_shutdown(tmp_path: Path) -> None:
+    settings = {"TEL_TYPES": "platform"}
+
+    async def body(env: Environment, sink: Collector) -> InvokeResult:
+        return await env.invoke(b'{"seconds": 10}')
+
+    result, sink = scenario(subscriber_function(tmp_path, "handler.sleep", settings, timeout_s=1), body)
+    assert isinstance(result.outcome, LambdaFailure)
+    done = [r["record"] for r in sink.records() if r["type"] == "platform.runtimeDone"]
+    report = [r["record"] for r in sink.records() if r["type"] == "platform.report"]
+    assert done[0]["status"] == "timeout" and report[0]["status"] == "timeout"
+
+
+def test_crashed_subscriber_restarts_the_environment_and_subscribes_again(tmp_path: Path) -> None:
+    settings = {"TEL_CRASH_ON_INVOKE": "1", "TEL_TYPES": "platform", "TEL_BUFFERING": '{"timeoutMs": 25}'}
+
+    async def body(env: Environment, sink: Collector) -> list[InvokeResult]:
+        first = await env.invoke(b"{}")
+        second = await env.invoke(b"{}")
+        return [first, second]
+
+    (first, second), sink = scenario(subscriber_function(tmp_path, settings=settings), body)
+    assert isinstance(first.outcome, Response) or first.report.status == "failure"
+    assert first.report.error_type == "Extension.Crash"
+    pids = {b["pid"] for b in sink.batches}
+    assert len(pids) == 2  # a new extension process subscribed after the reset
+    assert sink.types().count("platform.telemetrySubscription") == 2
+    assert sink.types().count("platform.initStart") == 2
+    assert second.report.init_duration_ms is not None
