@@ -184,11 +184,17 @@ class Environment:
         client_context: str | None = None,
         cognito_identity: str | None = None,
         invoked_function_arn: str | None = None,
+        request_id: str | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> InvokeResult:
-        """Invoke once; returns when the invoke phase is over (the runtime and every extension are done)."""
+        """Invoke once; returns when the invoke phase is over (the runtime and every extension are done).
+
+        ``on_outcome`` is called as soon as the outcome is known, which is when Lambda answers the caller:
+        extensions may still be working then.
+        """
         async with self._lock:
             loop = asyncio.get_running_loop()
-            request_id = str(uuid.uuid4())
+            request_id = request_id or str(uuid.uuid4())
             outcome = self._outcomes[request_id] = loop.create_future()
             report = self._reports[request_id] = loop.create_future()
             invoke = f.Invoke(
@@ -203,7 +209,10 @@ class Environment:
             budget = INIT_TIMEOUT_S + self.config.timeout_s + SHUTDOWN_SLACK_S
             try:
                 async with asyncio.timeout(budget):
-                    return InvokeResult(request_id, await outcome, await report)
+                    answer = await outcome
+                    if on_outcome is not None:
+                        on_outcome(answer)
+                    return InvokeResult(request_id, answer, await report)
             finally:
                 self._outcomes.pop(request_id, None)
                 self._reports.pop(request_id, None)
