@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import sys
 import zipfile
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp import web
 
 from lambdabox.core.model import FunctionConfig, LayerConfig
 from lambdabox.environment import Environment, TelemetryEvent, open_environment
@@ -141,4 +143,66 @@ def sleeping_function(tmp_path: Path, extensions: tuple[str, ...] = ()) -> Funct
 @asynccontextmanager
 async def playing_runtime(config: FunctionConfig) -> AsyncIterator[tuple[Environment, aiohttp.ClientSession, str]]:
     async with open_environment(config) as env, aiohttp.ClientSession() as http:
-        yield env, http, f"http://{env.runtime_api}"
+        yield env, http, f"http://{env.host_api}"
+
+
+# ---- a collector for the subscriber extensions ----
+
+
+class Collector:
+    """What the subscriber extensions (tests/fixtures/telemetry_ext.py) forward to TEL_SINK: every record they
+    received, in arrival order. It listens on the host's loopback and, once an environment is open, on the same port
+    inside the environment's network namespace (:meth:`listen_in`), so TEL_SINK is one URL either way."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+        self.changed = asyncio.Condition()
+        self.url = ""
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+
+    async def receive(self, request: web.Request) -> web.Response:
+        self.batches.append(await request.json())
+        async with self.changed:
+            self.changed.notify_all()
+        return web.Response()
+
+    def records(self, ext: str | None = None) -> list[dict[str, Any]]:
+        return [r for b in self.batches if ext is None or b["ext"] == ext for r in b["records"]]
+
+    def types(self, ext: str | None = None) -> list[str]:
+        return [r["type"] for r in self.records(ext)]
+
+    async def wait_for(self, check: Callable[[], bool], seconds: float = 10.0) -> None:
+        async with asyncio.timeout(seconds), self.changed:
+            await self.changed.wait_for(check)
+
+    async def listen_in(self, env: Environment) -> None:
+        """Listen on the same port inside the environment's network namespace too (none in the degraded mode)."""
+        if env.netns is None:
+            return
+        assert self.runner is not None
+        sock = env.netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", self.port))
+            await web.SockSite(self.runner, sock).start()
+        except BaseException:
+            sock.close()
+            raise
+
+
+@asynccontextmanager
+async def collector() -> AsyncIterator[Collector]:
+    sink = Collector()
+    app = web.Application()
+    app.router.add_post("/", sink.receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    sink.url, sink.port, sink.runner = f"http://{host}:{port}/", port, runner
+    try:
+        yield sink
+    finally:
+        await runner.cleanup()

@@ -1,60 +1,15 @@
-"""Logs API and Telemetry API end to end: real subscriber extensions over HTTP and TCP, a collector in the test."""
+"""Logs API and Telemetry API end to end: real subscriber extensions over HTTP and TCP, a collector in the test
+(``support.Collector``: it listens inside each environment's network namespace too, where the extensions are)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from lambdabox.core.model import FunctionConfig, LambdaFailure, Response
 from lambdabox.environment import Environment, InvokeResult, Options, open_environment
-from support import Recorder, make_function, run
-
-
-class Collector:
-    """What the subscriber extensions forward: every record they received, in arrival order."""
-
-    def __init__(self) -> None:
-        self.batches: list[dict[str, Any]] = []
-        self.changed = asyncio.Condition()
-        self.url = ""
-
-    async def receive(self, request: web.Request) -> web.Response:
-        self.batches.append(await request.json())
-        async with self.changed:
-            self.changed.notify_all()
-        return web.Response()
-
-    def records(self, ext: str | None = None) -> list[dict[str, Any]]:
-        return [r for b in self.batches if ext is None or b["ext"] == ext for r in b["records"]]
-
-    def types(self, ext: str | None = None) -> list[str]:
-        return [r["type"] for r in self.records(ext)]
-
-    async def wait_for(self, check: Callable[[], bool], seconds: float = 10.0) -> None:
-        async with asyncio.timeout(seconds), self.changed:
-            await self.changed.wait_for(check)
-
-
-@asynccontextmanager
-async def collector() -> AsyncIterator[Collector]:
-    sink = Collector()
-    app = web.Application()
-    app.router.add_post("/", sink.receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    sink.url = f"http://{host}:{port}/"
-    try:
-        yield sink
-    finally:
-        await runner.cleanup()
+from support import Collector, Recorder, collector, make_function, run
 
 
 def subscriber_function(
@@ -79,6 +34,7 @@ def scenario(
         async with collector() as sink:
             config = build(sink.url)
             async with open_environment(config, Options(freeze=freeze), [recorder] if recorder else []) as env:
+                await sink.listen_in(env)
                 result = await body(env, sink)
             return result, sink
 
@@ -141,7 +97,7 @@ def test_refused_deliveries_are_retried_without_loss_or_duplicates(tmp_path: Pat
 
     _, sink = scenario(subscriber_function(tmp_path, settings=settings), body, recorder)
     delivered = [r["record"] for r in sink.records() if r["type"] == "function"]
-    assert delivered == recorder.lines("runtime")  # every line once, in order
+    assert delivered and delivered == recorder.lines("runtime")  # every line once, in order
 
 
 def test_slow_subscriber_drops_are_counted_exactly(tmp_path: Path, recorder: Recorder) -> None:

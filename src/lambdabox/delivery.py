@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ IDLE_S = 60.0  # an idle loop still wakes up now and then: no wait without a dea
 MAX_ANSWER_BYTES = 64 * 1024  # of a subscriber's HTTP answer body; the rest is not read
 DEFAULT_BACKOFF = Backoff()
 
+SocketFactory = Callable[[int, int, int], socket.socket]
+"""Makes a socket (family, type, proto) where the subscribers listen, such as the environment's network namespace
+(:meth:`lambdabox.sandbox.netns.NetNamespace.socket`); without one, connections are made from here."""
+
 
 @dataclass(frozen=True)
 class SubscriberStats:
@@ -69,8 +74,10 @@ class TelemetryHub:
         backoff: Backoff = DEFAULT_BACKOFF,
         init_buffer_limit: int = INIT_BUFFER_LIMIT,
         epoch: Callable[[], float] = time.time,
+        socket_factory: SocketFactory | None = None,
     ) -> None:
         self.json_function_logs = json_function_logs
+        self.socket_factory = socket_factory  # read when a subscriber subscribes
         self.on_failing = on_failing
         self.request_timeout_s = request_timeout_s
         self.failing_after = failing_after
@@ -216,9 +223,11 @@ class _Subscriber:
         self.key = (subscription.api, subscription.schema_version)
         self.hub = hub
         self.batcher: Batcher[bytes] = Batcher(subscription.buffering, backoff=hub.backoff)
-        destination, timeout = subscription.destination, hub.request_timeout_s
+        destination, timeout, factory = subscription.destination, hub.request_timeout_s, hub.socket_factory
         self.sender = (
-            _HttpSender(destination, timeout) if destination.protocol == "HTTP" else _TcpSender(destination, timeout)
+            _HttpSender(destination, timeout, factory)
+            if destination.protocol == "HTTP"
+            else _TcpSender(destination, timeout, factory)
         )
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -305,8 +314,9 @@ class _Subscriber:
 class _HttpSender:
     """POSTs a JSON array and waits for the answer: 2xx is delivered, anything else (or no answer) failed."""
 
-    def __init__(self, destination: Destination, timeout_s: float) -> None:
+    def __init__(self, destination: Destination, timeout_s: float, factory: SocketFactory | None = None) -> None:
         host, port = destination.connect_host, destination.port
+        self._factory = factory
         self._url = URL(f"http://{_bracket(host)}:{port}{destination.path}", encoded=True)
         self._headers = {"Content-Type": "application/json", "Host": f"{_bracket(destination.host)}:{port}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -314,7 +324,10 @@ class _HttpSender:
 
     async def send(self, batch: list[bytes]) -> bool:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=1)
+            factory = self._factory
+            connector = aiohttp.TCPConnector(
+                limit=1, socket_factory=None if factory is None else (lambda info: factory(*info[:3]))
+            )
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         body = b"[" + b",".join(batch) + b"]"
         try:
@@ -334,8 +347,9 @@ class _TcpSender:
     """Writes NDJSON on one connection, reconnecting after a failure. TCP has no acknowledgement: a write the
     kernel accepted counts as delivered (AWS documents the same limitation)."""
 
-    def __init__(self, destination: Destination, timeout_s: float) -> None:
+    def __init__(self, destination: Destination, timeout_s: float, factory: SocketFactory | None = None) -> None:
         self._host, self._port, self._timeout = destination.connect_host, destination.port, timeout_s
+        self._factory = factory
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -344,13 +358,26 @@ class _TcpSender:
             async with asyncio.timeout(self._timeout):
                 if self._writer is None or self._writer.is_closing() or (self._reader and self._reader.at_eof()):
                     await self.close()
-                    self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+                    self._reader, self._writer = await self._connect()
                 self._writer.write(b"\n".join(batch) + b"\n")
                 await self._writer.drain()
             return True
         except (OSError, TimeoutError):
             await self.close()
             return False
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._factory is None:
+            return await asyncio.open_connection(self._host, self._port)
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET  # a loopback address (Destination)
+        sock = self._factory(family, socket.SOCK_STREAM, 0)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (self._host, self._port))
+            return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         writer, self._reader, self._writer = self._writer, None, None

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 import uuid
@@ -38,6 +39,7 @@ from lambdabox.delivery import TelemetryHub
 from lambdabox.sandbox.environ import extension_environment, function_environment, log_stream_name
 from lambdabox.sandbox.filesystem import StagedCode, stage_function
 from lambdabox.sandbox.isolation import Isolation, Layout, open_isolation
+from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.processes import OwnedProcess
 from lambdabox.sandbox.runtime import RuntimeCommand, resolve_runtime, runtime_dir_for
 
@@ -45,6 +47,7 @@ MIB = 1024 * 1024
 SHUTDOWN_SLACK_S = 5.0  # beyond Lambda's own deadlines, for the machine to reap what it killed
 FLUSH_BEFORE_SHUTDOWN_S = 0.5  # of the extensions' shutdown budget, to deliver the records produced so far
 PAUSE_BEFORE_FREEZE_S = 6.0  # a delivery in flight is let finish before its listener is frozen
+RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)  # where Lambda serves the APIs, inside the environment's namespace
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,9 @@ class Environment:
         self._staged: StagedCode
         self._runtime: RuntimeCommand
         self._api_address = ""
+        self._host_api = ""
+        self.netns: NetNamespace | None = None
+        """The environment's network namespace, to make sockets inside it; None in the degraded mode."""
 
     # ---- the shell's side of the API adapters ------------------------------------------------------------------
 
@@ -171,7 +177,13 @@ class Environment:
 
     @property
     def runtime_api(self) -> str:
+        """``host:port`` of the APIs as the runtime and extensions see it (AWS_LAMBDA_RUNTIME_API)."""
         return self._api_address
+
+    @property
+    def host_api(self) -> str:
+        """``host:port`` where lambdabox and tests reach the same APIs from the host's network namespace."""
+        return self._host_api
 
     async def initialize(self) -> None:
         """Run Init ahead of the first invoke (as provisioned concurrency does)."""
@@ -439,7 +451,6 @@ async def open_environment(
         env._isolation = await stack.enter_async_context(
             open_isolation(layout, memory_mb=config.memory_mb, name=config.logical_id, isolate=options.isolate)
         )
-        env.degraded = env._isolation.degraded
         env._runtime = await asyncio.to_thread(  # the first use of a runtime installs its client
             resolve_runtime,
             config.runtime,
@@ -457,13 +468,14 @@ async def open_environment(
         app[SHELL] = env
         app[telemetry_api.SUBSCRIPTIONS] = env
         app.add_routes(runtime_api.routes() + extensions_api.routes() + logs_api.routes() + telemetry_api.routes())
+        if (net := env._isolation.net_namespace) is not None:
+            env.netns = stack.enter_context(NetNamespace(net))
+            env.hub.socket_factory = env.netns.socket
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        env._api_address = f"{host}:{port}"
+        await _serve(runner, env)
+        env.degraded = env._isolation.degraded
         worker = asyncio.get_running_loop().create_task(env._run_commands())
         stack.push_async_callback(_cancel, worker)
         stack.push_async_callback(env.hub.close)
@@ -472,6 +484,28 @@ async def open_environment(
         finally:
             await env.shutdown()
             await _drain(env)
+
+
+async def _serve(runner: web.AppRunner, env: Environment) -> None:
+    """Serve the APIs on an ephemeral port of the host's loopback (``host_api``), and, given a network namespace,
+    inside it at 127.0.0.1:9001 as in Lambda (``runtime_api``); without one, the runtime uses the host's port."""
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    env._host_api = env._api_address = f"{host}:{port}"
+    if env.netns is None:
+        env._isolation.api_port = port
+        return
+    listener = env.netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(RUNTIME_API_ADDRESS)
+        listener.listen(128)
+        listener.setblocking(False)
+        await web.SockSite(runner, listener).start()  # the site's server owns the socket from here on
+    except BaseException:
+        listener.close()
+        raise
+    env._api_address = "{}:{}".format(*RUNTIME_API_ADDRESS)
 
 
 async def _drain(env: Environment) -> None:

@@ -1,5 +1,5 @@
-"""Isolation: mount namespace (layout, /etc/hosts, kept paths), cgroups (limit, peak, OOM, freezer),
-teardown, and the degraded mode."""
+"""Isolation: mount namespace (layout, /etc/hosts, kept paths), network namespace (only lo, up), cgroups (limit,
+peak, OOM, freezer), teardown, and the degraded mode."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from lambdabox.core.errors import SandboxError
 from lambdabox.sandbox import isolation
 from lambdabox.sandbox.isolation import CGROUP_ROOT, Isolation, Layout, open_isolation
+from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.processes import OwnedProcess
 
 T = TypeVar("T")
@@ -100,6 +101,7 @@ def test_namespace_shows_layout_hosts_and_kept_paths(tmp_path: Path) -> None:
         records: list[str] = []
         async with open_isolation(layout, memory_mb=256, name="ns") as iso:
             assert iso.degraded == ()
+            assert iso.net_namespace is not None and f"--net={iso.net_namespace}" in iso.command(["x"])
             assert iso.path("/opt/extensions") == "/opt/extensions"
             assert await (await spawn(iso, code, records)).wait_exit() == 0, records
         return json.loads(records[-1]), iso
@@ -186,7 +188,7 @@ def test_freeze_stops_a_counting_child_and_thaw_resumes_it(tmp_path: Path) -> No
 
 @needs_full
 def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
-    async def body() -> tuple[list[Path], int, list[int], Path | None]:
+    async def body() -> tuple[list[Path], int, list[int], Path | None, int]:
         async with open_isolation(make_layout(tmp_path), memory_mb=128, name="gone") as iso:
             records: list[str] = []
             proc = await spawn(iso, "import time; print('up', flush=True); time.sleep(600)", records)
@@ -194,13 +196,14 @@ def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
             assert iso.pids() == [proc.pid]
             cgroups = [c for c in (iso._memory, iso._freezer) if c is not None]
             assert len(cgroups) == 2 and all(c.is_dir() for c in cgroups)
-            assert iso._holder is not None
-            holder, hosts = iso._holder.pid, iso._hosts_dir
+            assert iso._holder is not None and iso.net_namespace is not None
+            holder, hosts, net = iso._holder.pid, iso._hosts_dir, os.stat(iso.net_namespace).st_ino
             left = iso.pids()
         await proc.wait_exit()  # killed by the teardown
-        return cgroups, holder, left, hosts
+        return cgroups, holder, left, hosts, net
 
-    cgroups, holder, left, hosts = run(body())
+    cgroups, holder, left, hosts, net = run(body())
+    assert not [t for t in Path("/proc").glob("[0-9]*/task/*/ns/net") if _inode(t) == net]  # the namespace is gone
     assert not any(c.exists() for c in cgroups)
     assert not psutil.pid_exists(holder)
     assert all(not psutil.pid_exists(p) for p in left)
@@ -262,6 +265,12 @@ def test_degraded_mode_maps_paths_freezes_by_signal_and_samples_memory(tmp_path:
     assert "no mount namespace" in text and str(layout.task) in text
     assert "no memory limit" in text
     assert "/etc/hosts unchanged" in text
+    assert "no network namespace (isolate=False): the Runtime API is at a port of its own on 127.0.0.1" in text
+    iso.api_port = 4321
+    assert (
+        "no network namespace (isolate=False): the Runtime API is at 127.0.0.1:4321, not 127.0.0.1:9001, "
+        "and extensions share the host's ports"
+    ) in iso.degraded
 
 
 def test_missing_layout_dir_is_refused(tmp_path: Path) -> None:
@@ -313,7 +322,79 @@ def test_cgroups_without_namespace_when_the_holder_fails(tmp_path: Path, monkeyp
 
     degraded, pids, rc, records = run(body())
     assert "no mount namespace (namespace setup failed: mount: permission denied)" in degraded[0]
+    assert "no network namespace (namespace setup failed: mount: permission denied)" in degraded[-1]
     assert not any("memory limit" in d for d in degraded)
     assert len(pids) == 1
     assert rc == -signal.SIGKILL
     assert records == [str(layout.task)]
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+NET_PROBE = (
+    "import json, os, socket\n"
+    "listener = socket.create_server(('127.0.0.1', 0))\n"
+    "client = socket.create_connection(listener.getsockname(), timeout=5)\n"  # lo is up
+    "print(json.dumps({'ifs': socket.if_nameindex(), 'net': os.stat('/proc/self/ns/net').st_ino}))\n"
+)
+
+
+@needs_full
+def test_a_process_inside_sees_only_lo_and_it_is_up(tmp_path: Path) -> None:
+    async def body() -> tuple[dict[str, Any], int, int]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="net") as iso:
+            records: list[str] = []
+            assert await (await spawn(iso, NET_PROBE, records)).wait_exit() == 0, records
+            assert iso.net_namespace is not None
+            with NetNamespace(iso.net_namespace) as ns:
+                return json.loads(records[-1]), os.stat(iso.net_namespace).st_ino, ns.inode
+
+    seen, net, thread_net = run(body())
+    assert seen["ifs"] == [[1, "lo"]]
+    assert seen["net"] == net == thread_net != os.stat("/proc/self/ns/net").st_ino
+
+
+@needs_full
+def test_network_false_keeps_the_host_network_and_says_so(tmp_path: Path) -> None:
+    async def body() -> tuple[Isolation, list[str], list[str]]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="nonet", network=False) as iso:
+            records: list[str] = []
+            argv = iso.command(["x"])
+            assert await (await spawn(iso, NET_PROBE, records)).wait_exit() == 0, records
+            return iso, records, argv
+
+    iso, records, argv = run(body())
+    assert iso.net_namespace is None and not any(a.startswith("--net") for a in argv)
+    assert json.loads(records[-1])["net"] == os.stat("/proc/self/ns/net").st_ino
+    assert len(iso.degraded) == 1 and iso.degraded[0].startswith("no network namespace (network=False): ")
+
+
+@needs_full
+def test_a_network_namespace_that_fails_leaves_the_mount_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = isolation._holder_script
+
+    def no_net(layout: Layout, hosts: Path, ip: str | None = None) -> str:
+        return "echo 'ip: cannot bring lo up' >&2; exit 1" if ip else real(layout, hosts, ip)
+
+    monkeypatch.setattr(isolation, "_holder_script", no_net)
+
+    async def body() -> tuple[tuple[str, ...], list[str], str | None]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="netfail") as iso:
+            records: list[str] = []
+            proc = await spawn(iso, "import os; print(os.listdir('/var/task'))", records)
+            assert await proc.wait_exit() == 0, records
+            return iso.degraded, records, iso.net_namespace
+
+    degraded, records, net = run(body())
+    assert records == ["['handler.py']"] and net is None
+    assert degraded == (
+        "no network namespace (namespace setup failed: ip: cannot bring lo up): the Runtime API is at a port of its "
+        "own on 127.0.0.1, not 127.0.0.1:9001, and extensions share the host's ports",
+    )

@@ -1,6 +1,6 @@
-"""Owns an environment's isolation: its mount namespace (/var/task, /opt, /tmp, /etc/hosts) and its
-cgroups (memory limit, peak memory, OOM kills, freezer), or the degraded stand-ins where the machine
-cannot give them; ``degraded`` says which.
+"""Owns an environment's isolation: its mount namespace (/var/task, /opt, /tmp, /etc/hosts), its network
+namespace (only ``lo``, up), and its cgroups (memory limit, peak memory, OOM kills, freezer), or the degraded
+stand-ins where the machine cannot give them; ``degraded`` says which.
 """
 
 from __future__ import annotations
@@ -45,12 +45,15 @@ def _under(path: str, top: str) -> str | None:
     return path[len(top) + 1 :] if path.startswith(top + "/") else None
 
 
-def _holder_script(layout: Layout, hosts: Path) -> str:
-    """The shell script the namespace's holder runs: mounts, then `ready`, then wait for stdin EOF."""
+def _holder_script(layout: Layout, hosts: Path, ip: str | None = None) -> str:
+    """The shell script the namespaces' holder runs: ``lo`` up (given ``ip``, in a new network namespace), mounts,
+    then `ready`, then wait for stdin EOF."""
     q = shlex.quote
     task, opt, tmp = (str(p.resolve()) for p in (layout.task, layout.opt, layout.tmp))
     keep = sorted(os.path.realpath(p) for p in layout.keep if os.path.exists(p))
     lines = ["set -e", "exec 3</tmp"]  # the host's /tmp, to reach kept paths once it is covered
+    if ip is not None:
+        lines.append(f"{q(ip)} link set lo up")
     with open("/proc/self/mountinfo") as f:
         mounted = [line.split()[4] for line in f]
     for point in _MOUNTPOINTS:
@@ -103,6 +106,15 @@ def _probe_namespace() -> str | None:
     return f"{links[0]} is a symbolic link" if links else None
 
 
+def _probe_network() -> str | None:
+    """None if a network namespace can be tried here (given a mount namespace), else why not."""
+    if shutil.which("ip") is None:
+        return "ip not found (install iproute2)"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "the kernel has no network namespaces"
+    return None
+
+
 def _write_hosts() -> Path:
     """The host's /etc/hosts plus Lambda's sandbox names, in a new private dir."""
     hosts = Path(tempfile.mkdtemp(prefix="lambdabox-hosts-")) / "hosts"
@@ -127,10 +139,13 @@ async def _poll(done: Callable[[], bool], what: str) -> None:
 class Isolation:
     """One environment's namespace and cgroups (or their degraded stand-ins)."""
 
-    def __init__(self, layout: Layout, memory_mb: int) -> None:
+    def __init__(self, layout: Layout, memory_mb: int, *, network: bool = True) -> None:
         self.layout = layout
         self.memory_mb = memory_mb
-        self.degraded: tuple[str, ...] = ()
+        self.network = network  # False: no network namespace even where one could be had
+        self.api_port: int | None = None  # without a network namespace: the Runtime API's port (for ``degraded``)
+        self._found: tuple[str, ...] = ()
+        self._net_why: str | None = None  # why there is no network namespace
         self._holder: asyncio.subprocess.Process | None = None
         self._nsenter = "nsenter"
         self._hosts_dir: Path | None = None
@@ -142,6 +157,25 @@ class Isolation:
         self._peak = 0
         self._sampler: asyncio.Task[None] | None = None
 
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        """What differs from Lambda here, one sentence each; empty when nothing does."""
+        if self._net_why is None:
+            return self._found
+        at = f"127.0.0.1:{self.api_port}" if self.api_port is not None else "a port of its own on 127.0.0.1"
+        return (
+            *self._found,
+            f"no network namespace ({self._net_why}): the Runtime API is at {at}, not 127.0.0.1:9001, "
+            "and extensions share the host's ports",
+        )
+
+    @property
+    def net_namespace(self) -> str | None:
+        """The environment's network namespace (a path to open, as ``/proc/<pid>/ns/net``), None without one."""
+        if self._holder is None or self._net_why is not None:
+            return None
+        return f"/proc/{self._holder.pid}/ns/net"
+
     def command(self, argv: Sequence[str], *, cwd: str = "/var/task") -> list[str]:
         """The argv to spawn so that the process (and every child it makes) runs in the environment.
 
@@ -151,7 +185,10 @@ class Isolation:
         steps = [f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}" for cg in self._cgroups()]
         prefix: list[str] = []
         if self._holder is not None:  # (not nsenter --wd: it opens the directory before entering)
-            prefix = [self._nsenter, f"--mount=/proc/{self._holder.pid}/ns/mnt", "--"]
+            prefix = [self._nsenter, f"--mount=/proc/{self._holder.pid}/ns/mnt"]
+            if (net := self.net_namespace) is not None:
+                prefix.append(f"--net={net}")
+            prefix.append("--")
             steps.append(f"cd {shlex.quote(cwd)}")
         if steps:
             prefix += ["/bin/sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh"]
@@ -298,15 +335,30 @@ class Isolation:
         return None
 
     async def _start_holder(self) -> str | None:
-        """Start the namespace's holder; None, or why there can be no mount namespace."""
+        """Start the namespaces' holder, with a network namespace when it can be had (else ``_net_why`` says why
+        not); None, or why there can be no mount namespace."""
         if (why := _probe_namespace()) is not None:
+            self._net_why = why
             return why
         self._nsenter = shutil.which("nsenter") or "nsenter"
         hosts = _write_hosts()
         self._hosts_dir = hosts.parent
-        script = _holder_script(self.layout, hosts)
+        self._net_why = "network=False" if not self.network else _probe_network()
+        if self._net_why is None:
+            if (why := await self._spawn_holder(hosts, shutil.which("ip") or "ip")) is None:
+                return None
+            self._net_why = why  # try again without one
+        why = await self._spawn_holder(hosts, None)
+        if why is not None:
+            self._net_why = why
+        return why
+
+    async def _spawn_holder(self, hosts: Path, ip: str | None) -> str | None:
+        """Start a holder, in a new network namespace given ``ip``; None, or why it failed."""
+        script = _holder_script(self.layout, hosts, ip)
+        net = ["--net"] if ip is not None else []
         self._holder = holder = await asyncio.create_subprocess_exec(
-            *["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
+            *["unshare", "--mount", *net, "--propagation", "private", "--", "sh", "-c", script],
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -341,7 +393,10 @@ class Isolation:
             if not os.path.isdir(path := getattr(self.layout, what)):  # noqa: ASYNC240 (a stat)
                 raise SandboxError(f"layout.{what} {path} is not a directory")
         cg_why = self._make_cgroups(name) if isolate else "isolate=False"
-        ns_why = await self._start_holder() if isolate else "isolate=False"
+        if isolate:
+            ns_why = await self._start_holder()
+        else:
+            ns_why = self._net_why = "isolate=False"
         found: list[str] = []
         if ns_why is not None:
             found += [
@@ -357,7 +412,7 @@ class Isolation:
                 "freezing sends SIGSTOP/SIGCONT to the registered processes' trees, not the cgroup freezer",
             ]
             self._sampler = asyncio.create_task(self._sample_forever(), name="lambdabox-memory-sampler")
-        self.degraded = tuple(found)
+        self._found = tuple(found)
 
     async def _close(self) -> list[str]:
         """Release everything (each step runs even if an earlier one fails); the problems met."""
@@ -424,10 +479,13 @@ def _status(pid: int) -> str | None:
 
 @asynccontextmanager
 async def open_isolation(
-    layout: Layout, *, memory_mb: int, name: str, isolate: bool = True
+    layout: Layout, *, memory_mb: int, name: str, isolate: bool = True, network: bool = True
 ) -> AsyncIterator[Isolation]:
-    """An environment's isolation for the life of the block; torn down even on error or cancel."""
-    iso = Isolation(layout, memory_mb)
+    """An environment's isolation for the life of the block; torn down even on error or cancel.
+
+    ``network=False`` keeps the environment in the host's network namespace even where it could have its own.
+    """
+    iso = Isolation(layout, memory_mb, network=network)
     try:
         await iso._open(name, isolate)
         yield iso
