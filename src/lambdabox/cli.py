@@ -1,4 +1,6 @@
-"""The ``lambdabox`` command line: ``invoke`` a function of a SAM template, as ``sam local invoke`` does."""
+"""The ``lambdabox`` command line: ``invoke`` a function of a SAM template, as ``sam local invoke`` does, and
+``start-lambda``: serve the Lambda Invoke API for every function of a template, as ``sam local start-lambda`` does.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from lambdabox.console import Console
 from lambdabox.core.errors import ConfigError, LambdaboxError
 from lambdabox.core.model import FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
 from lambdabox.environment import Options, open_environment
-from lambdabox.template import load_template
+from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
+from lambdabox.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
+from lambdabox.template import Template, load_template
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,6 +110,104 @@ async def _invoke(config: FunctionConfig, payload: bytes, repeat: int, options: 
             click.echo(render_outcome(result.outcome))
             ok = ok and isinstance(result.outcome, Response)
     return ok
+
+
+@main.command("start-lambda")
+@click.option(
+    "-t",
+    "--template",
+    "template_path",
+    type=click.Path(path_type=Path),
+    default=Path("template.yaml"),
+    show_default=True,
+    help="SAM or CloudFormation template.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option(
+    "-p",
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port (0: any free one).",
+)
+@click.option(
+    "--warm-keep-alive",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_KEEP_ALIVE_S,
+    show_default=True,
+    help="Seconds an idle environment stays warm before it is shut down.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=default_max_concurrency(),
+    show_default=True,
+    help="Concurrent executions across all functions (Lambda's account limit); beyond it, 429.",
+)
+@click.option(
+    "--retry-delay-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Scale Lambda's asynchronous timings (retry delays of 1 and 2 minutes, maximum event age), e.g. 0.01.",
+)
+@click.option(
+    "--destinations-file",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DESTINATIONS,
+    show_default=True,
+    help="JSON lines file for asynchronous destinations that are not functions of the template (SQS, SNS, ...).",
+)
+@click.option("--freeze/--no-freeze", default=True, show_default=True, help="Freeze idle environments.")
+@click.option("--isolate/--no-isolate", default=True, show_default=True, help="Namespaces and cgroups.")
+@click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values.")
+def start_lambda(
+    template_path: Path,
+    host: str,
+    port: int,
+    warm_keep_alive: float,
+    max_concurrency: int,
+    retry_delay_scale: float,
+    destinations_file: Path,
+    freeze: bool,
+    isolate: bool,
+    parameter_overrides: tuple[str, ...],
+) -> None:
+    """Serve the Lambda Invoke API for every function of the template, for boto3, the AWS CLI and the SDKs.
+
+    Where it listens and where asynchronous destination records go are printed on stdout; logs go to stderr.
+    SIGINT or SIGTERM stops it: the invokes in flight finish, every environment is shut down, exit status 0.
+    """
+    try:
+        template = load_template(template_path, dict(_pair(item) for item in parameter_overrides))
+    except (LambdaboxError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    settings = ServerSettings(
+        keep_alive_s=warm_keep_alive,
+        max_concurrency=max_concurrency,
+        time_scale=retry_delay_scale,
+        destinations=destinations_file,
+        environment=Options(freeze=freeze, isolate=isolate),
+    )
+    try:
+        asyncio.run(_serve(template, host, port, settings))
+    except (LambdaboxError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+
+
+async def _serve(template: Template, host: str, port: int, settings: ServerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_server(template, host, port, settings, [Console()]) as server:
+        names = ", ".join(template.functions)
+        click.echo(f"lambdabox: serving the Lambda Invoke API on {server.url} (functions: {names})")
+        click.echo(f"lambdabox: records for asynchronous destinations outside the template go to {server.destinations}")
+        sys.stdout.flush()
+        await stop.wait()
+        click.echo("lambdabox: stopping: finishing the invokes in flight, shutting the environments down", err=True)
 
 
 def render_outcome(outcome: Outcome) -> str:

@@ -8,14 +8,15 @@ import contextlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import yaml
 
 from lambdabox.core.errors import TemplateError
-from lambdabox.core.model import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, FunctionConfig, LayerConfig
+from lambdabox.core.model import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, EventInvokeConfig, FunctionConfig, LayerConfig
+from lambdabox.eventconfig import EVENT_INVOKE_CONFIG, read_event_invoke
 from lambdabox.intrinsic import NO_VALUE, Resolver, Unresolvable, load_yaml, scalar_text
 
 SUPPORTED_RUNTIMES: Final = frozenset(
@@ -266,6 +267,16 @@ class _Loader:
             if other != logical_id:
                 rule = f"FunctionName {config.function_name!r} is already used by {other}"
                 raise TemplateError(self.where, logical_id, rule)
+        for logical_id, resource in self.resources.items():
+            if resource.get("Type") == EVENT_INVOKE_CONFIG and self._enabled(logical_id):
+                fail = _Fail(self.where, logical_id)
+                props = self._properties(logical_id)
+                name = self._resolve(logical_id, "FunctionName", props.get("FunctionName"))
+                found = [c for c in functions.values() if name in (c.function_name, c.arn)]
+                if not found:
+                    fail(f"FunctionName {name!r} is not a function of this template")
+                config = replace(found[0], event_invoke=self._event_invoke(logical_id, props, fail, ""))
+                functions[config.logical_id] = config
         return Template(source=self.source, functions=functions)
 
     def _get(self, logical_id: str, prop: str) -> Any:
@@ -277,6 +288,14 @@ class _Loader:
             shared = self._resolve("Globals.Function", prop, self.globals[prop])
         own = _MISSING if own is NO_VALUE else own
         shared = _MISSING if shared is NO_VALUE else shared
+        return shared if own is _MISSING else own if shared is _MISSING else _merge(shared, own)
+
+    def _raw(self, logical_id: str, prop: str) -> Any:
+        """A property as written (unresolved), merged over Globals.Function for SAM functions; _MISSING if absent."""
+        own = self._properties(logical_id).get(prop, _MISSING)
+        shared = _MISSING
+        if self.resources[logical_id]["Type"] == SERVERLESS_FUNCTION:
+            shared = self.globals.get(prop, _MISSING)
         return shared if own is _MISSING else own if shared is _MISSING else _merge(shared, own)
 
     def _function(self, logical_id: str) -> FunctionConfig:
@@ -319,6 +338,11 @@ class _Loader:
         if (value := self._get(logical_id, "ProvisionedConcurrencyConfig")) is not _MISSING:
             count = value.get("ProvisionedConcurrentExecutions") if isinstance(value, dict) else None
             provisioned = _whole(fail, count, "ProvisionedConcurrencyConfig.ProvisionedConcurrentExecutions")
+        event_invoke = EventInvokeConfig()
+        if (value := self._raw(logical_id, "EventInvokeConfig")) is not _MISSING:
+            if not isinstance(value, dict):
+                fail("EventInvokeConfig must be a mapping")
+            event_invoke = self._event_invoke(logical_id, value, fail, "EventInvokeConfig.")
         return FunctionConfig(
             logical_id=logical_id,
             function_name=self._function_name(logical_id),
@@ -332,6 +356,12 @@ class _Loader:
             template=self.source,
             reserved_concurrency=reserved,
             provisioned_concurrency=provisioned,
+            event_invoke=event_invoke,
+        )
+
+    def _event_invoke(self, resource: str, value: dict[str, Any], fail: _Fail, where: str) -> EventInvokeConfig:
+        return read_event_invoke(
+            resource, value, self.resources, lambda prop, raw: self._resolve(resource, where + prop, raw), fail, where
         )
 
     def _function_layers(self, logical_id: str, fail: _Fail) -> tuple[LayerConfig, ...]:

@@ -9,6 +9,8 @@ from pathlib import Path
 DEFAULT_REGION = "us-east-1"
 DEFAULT_ACCOUNT_ID = "123456789012"
 LATEST = "$LATEST"
+DEFAULT_MAXIMUM_RETRY_ATTEMPTS = 2
+DEFAULT_MAXIMUM_EVENT_AGE_S = 6 * 60 * 60
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,16 @@ class LayerConfig:
 
     name: str  # logical id (or file name when given inline)
     content: Path  # absolute path to a directory or a .zip
+
+
+@dataclass(frozen=True)
+class EventInvokeConfig:
+    """How Lambda handles the function's asynchronous invokes: retries, event age, and where records go."""
+
+    maximum_retry_attempts: int = DEFAULT_MAXIMUM_RETRY_ATTEMPTS
+    maximum_event_age_s: int = DEFAULT_MAXIMUM_EVENT_AGE_S
+    on_success: str | None = None  # a destination ARN (or a function name)
+    on_failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class FunctionConfig:
     region: str = DEFAULT_REGION
     account_id: str = DEFAULT_ACCOUNT_ID
     version: str = LATEST
+    event_invoke: EventInvokeConfig = EventInvokeConfig()
 
     @property
     def arn(self) -> str:

@@ -1,0 +1,244 @@
+"""The Lambda Invoke API ``2015-03-31`` (CONTRACT.md section 6): validate, hand to the server, await, render; and
+the one place that renders its service errors (``x-amzn-ErrorType`` and a ``{"Type", "message"}`` body).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+
+from lambdabox.api.render import Handler
+from lambdabox.core.errors import ApiError, LambdaboxError
+from lambdabox.core.model import (
+    DEFAULT_ACCOUNT_ID,
+    DEFAULT_REGION,
+    LATEST,
+    FunctionConfig,
+    FunctionFailure,
+    LambdaFailure,
+    Outcome,
+    Response,
+)
+
+PATH = "/2015-03-31/functions/{name}/invocations"
+EMULATOR_NAME = "function"  # AWS's runtime interface emulator serves /2015-03-31/functions/function/invocations
+SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
+EVENT_PAYLOAD_LIMIT = 1024 * 1024
+CLIENT_CONTEXT_LIMIT = 3583
+INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
+LOG_TYPES = ("None", "Tail")
+REQUEST_ID = "x-amzn-RequestId"
+
+_FUNCTION_NAME = re.compile(
+    r"(?:arn:aws[a-zA-Z-]*:lambda:(?P<region>[a-z]{2}(?:-gov)?-[a-z]+-\d):)?(?:(?P<account>\d{12}):)?(?:function:)?"
+    r"(?P<name>[a-zA-Z0-9_.-]+)(?::(?P<qualifier>\$LATEST|[a-zA-Z0-9_-]+))?"
+)
+_VERSION = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A synchronous invoke's outcome, and the base64 tail of its log when it was asked for."""
+
+    request_id: str
+    outcome: Outcome
+    log_result: str | None = None
+
+
+@dataclass(frozen=True)
+class FunctionName:
+    """A FunctionName as the Invoke API takes it: a name, a partial ARN or an ARN, with an optional qualifier."""
+
+    name: str
+    qualifier: str | None = None
+    region: str | None = None
+    account: str | None = None
+
+    def matches(self, config: FunctionConfig) -> bool:
+        return self.region in (None, config.region) and self.account in (None, config.account_id)
+
+    def arn(self) -> str:
+        region, account = self.region or DEFAULT_REGION, self.account or DEFAULT_ACCOUNT_ID
+        return f"arn:aws:lambda:{region}:{account}:function:{self.name}"
+
+
+def function_name(text: str) -> FunctionName | None:
+    match = _FUNCTION_NAME.fullmatch(text)
+    if match is None:
+        return None
+    return FunctionName(match["name"], match["qualifier"], match["region"], match["account"])
+
+
+class Invoker(Protocol):
+    """What the Invoke API needs from the server behind it."""
+
+    def function(self, name: str) -> FunctionConfig | None:
+        """The function with this logical id or FunctionName (``function`` for a single-function template)."""
+
+    async def invoke(
+        self, config: FunctionConfig, payload: bytes, *, client_context: str | None, invoked_arn: str, tail: bool
+    ) -> Answer:
+        """Invoke synchronously; returns as soon as the outcome is known (with ``tail``: once the invoke is over)."""
+
+    def enqueue(self, config: FunctionConfig, payload: bytes) -> str:
+        """Queue an asynchronous invoke; returns its request id."""
+
+    def report(self, text: str) -> None:
+        """Tell the operator about a problem that the caller only sees as a ServiceException."""
+
+
+INVOKER = web.AppKey("invoker", Invoker)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated Invoke request, before its payload is read."""
+
+    config: FunctionConfig
+    invoked_arn: str
+    invocation_type: str
+    tail: bool
+    client_context: str | None
+
+
+async def invoke(request: web.Request) -> web.StreamResponse:
+    invoker = request.app[INVOKER]
+    call = validate(request, invoker)
+    payload = await read_payload(
+        request, EVENT_PAYLOAD_LIMIT if call.invocation_type == "Event" else SYNC_PAYLOAD_LIMIT
+    )
+    if call.invocation_type == "DryRun":
+        return web.Response(status=204, headers={REQUEST_ID: str(uuid.uuid4())})
+    if call.invocation_type == "Event":
+        return web.Response(status=202, headers={REQUEST_ID: invoker.enqueue(call.config, payload)})
+    answer = await invoker.invoke(
+        call.config, payload, client_context=call.client_context, invoked_arn=call.invoked_arn, tail=call.tail
+    )
+    return render_answer(answer)
+
+
+def validate(request: web.Request, invoker: Invoker) -> Call:
+    """The function (404 if none), the qualifier, and the invocation headers (400 if bad)."""
+    text = request.match_info["name"]
+    parsed = function_name(text)
+    if parsed is None:
+        raise ApiError(400, "ValidationException", f"1 validation error detected: Value '{text}' at 'functionName' "
+                       "failed to satisfy constraint: Member must satisfy the function name pattern")  # fmt: skip
+    qualifier = parsed.qualifier
+    if (query := request.query.get("Qualifier")) is not None:
+        if qualifier is not None and query != qualifier:
+            message = "The derived qualifier from the function name does not match the specified qualifier."
+            raise ApiError(400, "InvalidParameterValueException", message)
+        qualifier = query
+    config = invoker.function(parsed.name)
+    suffix = f":{qualifier}" if qualifier else ""
+    if config is None or not parsed.matches(config) or (qualifier is not None and not _alias_or_latest(qualifier)):
+        raise ApiError(404, "ResourceNotFoundException", f"Function not found: {parsed.arn()}{suffix}")
+    kind = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+    if kind not in INVOCATION_TYPES:
+        raise _invalid("X-Amz-Invocation-Type", kind, INVOCATION_TYPES)
+    log_type = request.headers.get("X-Amz-Log-Type", "None")
+    if log_type not in LOG_TYPES:
+        raise _invalid("X-Amz-Log-Type", log_type, LOG_TYPES)
+    context = client_context(request.headers.get("X-Amz-Client-Context"))
+    sync = kind == "RequestResponse"  # Lambda passes the client context, and tails the log, for these only
+    return Call(config, config.arn + suffix, kind, sync and log_type == "Tail", context if sync else None)
+
+
+def client_context(header: str | None) -> str | None:
+    """The base64 JSON object of ``X-Amz-Client-Context`` as the JSON text the runtime gets, or ApiError 400."""
+    if header is None:
+        return None
+    if len(header) > CLIENT_CONTEXT_LIMIT:
+        message = f"Client context must be at most {CLIENT_CONTEXT_LIMIT} bytes of base64-encoded data."
+        raise ApiError(400, "InvalidParameterValueException", message)
+    try:
+        value = json.loads(base64.b64decode(header, validate=True))
+    except (binascii.Error, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        message = "Client context must be a valid Base64-encoded JSON object."
+        raise ApiError(400, "InvalidRequestContentException", message)
+    return json.dumps(value, separators=(",", ":"))
+
+
+async def read_payload(request: web.Request, limit: int) -> bytes:
+    """The body, read with a limit (413 beyond it), checked to be JSON (400); an empty body is ``{}``."""
+    body = bytearray()
+    if (request.content_length or 0) <= limit:
+        async for chunk in request.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                break
+    if len(body) > limit or (request.content_length or 0) > limit:
+        message = f"Request must be smaller than {limit} bytes for the Invoke operation"
+        raise ApiError(413, "RequestTooLargeException", message)
+    if not body.strip():
+        return b"{}"
+    try:
+        json.loads(body)
+    except ValueError as error:
+        raise ApiError(
+            400, "InvalidRequestContentException", f"Could not parse request body into json: {error}"
+        ) from None
+    return bytes(body)
+
+
+def render_answer(answer: Answer) -> web.Response:
+    headers = {REQUEST_ID: answer.request_id, "X-Amz-Executed-Version": LATEST}
+    if answer.log_result is not None:
+        headers["X-Amz-Log-Result"] = answer.log_result
+    match answer.outcome:
+        case Response(body=body, content_type=content_type):
+            return web.Response(body=body, headers={**headers, "Content-Type": content_type})
+        case FunctionFailure(body=body):
+            headers["X-Amz-Function-Error"] = "Unhandled"
+            return web.Response(body=body, headers={**headers, "Content-Type": "application/json"})
+        case LambdaFailure(error_type=error_type, message=message):
+            headers["X-Amz-Function-Error"] = "Unhandled"
+            return web.json_response({"errorType": error_type, "errorMessage": message}, headers=headers)
+
+
+def service_error(error: ApiError) -> web.Response:
+    """A refusal as the SDKs parse it: the type in ``x-amzn-ErrorType``, ``{"Type", "message"[, "Reason"]}``."""
+    body = {"Type": "Service" if error.status >= 500 else "User", "message": error.message}
+    if (reason := getattr(error, "reason", None)) is not None:
+        body["Reason"] = reason
+    headers = {"x-amzn-ErrorType": error.error_type, REQUEST_ID: str(uuid.uuid4())}
+    return web.json_response(body, status=error.status, headers=headers)
+
+
+@web.middleware
+async def render_service_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return service_error(error)
+    except web.HTTPException:
+        raise
+    except LambdaboxError as error:  # e.g. a layer refused when an environment starts (the pool reported it)
+        return service_error(ApiError(500, "ServiceException", str(error)))
+    except Exception as error:
+        request.app[INVOKER].report(f"lambdabox: the Invoke API failed: {error!r}")
+        return service_error(ApiError(500, "ServiceException", f"lambdabox failed: {error!r}"))
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.post(PATH, invoke)]
+
+
+def _alias_or_latest(qualifier: str) -> bool:
+    """Only $LATEST exists locally; an alias name is taken to point at it, a version number is not found."""
+    return qualifier == LATEST or not _VERSION.fullmatch(qualifier)
+
+
+def _invalid(header: str, value: str, allowed: tuple[str, ...]) -> ApiError:
+    message = f"{header}: {value!r} is not one of {', '.join(allowed)}"
+    return ApiError(400, "InvalidParameterValueException", message)

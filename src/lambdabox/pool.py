@@ -1,0 +1,321 @@
+"""A function's execution environments: warm reuse (the most recent first), Lambda's concurrency limits, keep-alive
+and provisioned concurrency. Every environment is owned by its pool and shut down (SHUTDOWN ``spindown``) on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from lambdabox.console import format_event
+from lambdabox.core.errors import ApiError
+from lambdabox.core.lifecycle import INIT_TIMEOUT_S
+from lambdabox.core.model import FunctionConfig, Outcome
+from lambdabox.environment import (
+    SHUTDOWN_SLACK_S,
+    Environment,
+    InvokeResult,
+    Observer,
+    Options,
+    TelemetryEvent,
+    open_environment,
+)
+
+DEFAULT_KEEP_ALIVE_S = 300.0
+TAIL_BYTES = 4096
+PROVISIONED = "provisioned-concurrency"
+
+
+def default_max_concurrency() -> int:
+    """Ten concurrent executions per core: most functions under test wait on I/O, and a warm Python environment
+    costs tens of MB, so this keeps a laptop responsive; beyond it a clear 429 beats a swapping machine."""
+    return 10 * (os.cpu_count() or 1)
+
+
+class Throttled(ApiError):
+    """No execution environment may be started for this invoke: Lambda's 429 with its ``Reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(429, "TooManyRequestsException", "Rate Exceeded.")
+        self.reason = reason
+
+
+class Capacity:
+    """The account-wide limit on concurrent executions, shared by every pool of a server."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._freed: asyncio.Future[None] | None = None
+
+    def take(self) -> None:
+        if self.in_use >= self.limit:
+            raise Throttled("ConcurrentInvocationLimitExceeded")
+        self.in_use += 1
+
+    def give_back(self) -> None:
+        self.in_use -= 1
+        if self._freed is not None and not self._freed.done():
+            self._freed.set_result(None)
+        self._freed = None
+
+    def freed(self) -> asyncio.Future[None]:
+        """Done when any unit is given back (await it through ``asyncio.wait``: it is shared)."""
+        if self._freed is None:
+            self._freed = asyncio.get_running_loop().create_future()
+        return self._freed
+
+
+@dataclass(frozen=True)
+class Ran:
+    """An invoke whose invoke phase is over, and the tail of its log (as Lambda's ``X-Amz-Log-Result`` has it)."""
+
+    result: InvokeResult
+    log_tail: bytes
+
+    @property
+    def log_result(self) -> str:
+        return base64.b64encode(self.log_tail).decode()
+
+
+class _Watch:
+    """Observes one environment: the log lines of the invoke in progress (the last 4 KB), and Init's end."""
+
+    def __init__(self) -> None:
+        self.lines: deque[bytes] = deque()
+        self.size = 0
+        self.initialized = asyncio.Event()
+
+    def __call__(self, event: TelemetryEvent) -> None:
+        if event.type == "platform.start":
+            self.lines.clear()
+            self.size = 0
+        elif event.type == "platform.initReport":
+            self.initialized.set()
+        line = format_event(event)
+        if line is None:
+            return
+        data = (line + "\n").encode()
+        self.lines.append(data)
+        self.size += len(data)
+        while self.size - len(self.lines[0]) >= TAIL_BYTES:
+            self.size -= len(self.lines.popleft())
+
+    def tail(self) -> bytes:
+        return b"".join(self.lines)[-TAIL_BYTES:]
+
+
+class _Slot:
+    """One environment, opened and closed by a task of its own (so that no caller's cancellation tears it)."""
+
+    def __init__(self, config: FunctionConfig, options: Options, observers: list[Observer]) -> None:
+        self.provisioned = options.initialization_type == PROVISIONED
+        self.watch = _Watch()
+        self.expiry: asyncio.TimerHandle | None = None
+        self._env: asyncio.Future[Environment] = asyncio.get_running_loop().create_future()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._own(config, options, [self.watch, *observers]))
+
+    async def _own(self, config: FunctionConfig, options: Options, observers: list[Observer]) -> BaseException | None:
+        try:
+            async with open_environment(config, options, observers) as env:
+                self._env.set_result(env)
+                await self._stop.wait()
+        except Exception as error:
+            if not self._env.done():  # it never opened: the invoke that needed it reports the error
+                self._env.set_exception(error)
+                return None
+            return error
+        return None
+
+    async def environment(self) -> Environment:
+        return await asyncio.shield(self._env)
+
+    def cancel_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+
+    async def close(self) -> BaseException | None:
+        """Shut the environment down as Lambda does and wait (bounded by the environment's own deadlines)."""
+        self.cancel_expiry()
+        self._stop.set()
+        error = await self._task
+        if self._env.done() and not self._env.cancelled():
+            self._env.exception()  # retrieved: an opening failure was reported to the invoke that needed it
+        return error
+
+
+class Pool:
+    """The environments of one function. ``reserve`` (or ``reserve_waiting``) a unit of concurrency, then ``run``."""
+
+    def __init__(
+        self,
+        config: FunctionConfig,
+        capacity: Capacity,
+        *,
+        options: Options | None = None,
+        keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+        observers: Iterable[Observer] = (),
+        on_problem: Callable[[str], None] = lambda text: None,
+    ) -> None:
+        self.config = config
+        self.capacity = capacity
+        self.options = dataclasses.replace(options or Options(), initialization_type="on-demand")
+        self.keep_alive_s = keep_alive_s
+        self.observers = list(observers)
+        self.on_problem = on_problem
+        self.busy = 0
+        self._idle: list[_Slot] = []  # the most recently used last
+        self._slots: set[_Slot] = set()
+        self._closing: set[asyncio.Task[BaseException | None]] = set()
+        self._closed = False
+
+    @property
+    def environments(self) -> int:
+        return len(self._slots)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def start(self) -> None:
+        """Start the provisioned environments and wait (bounded by Init's limit) until each has initialised."""
+        count = self.config.provisioned_concurrency or 0
+        options = dataclasses.replace(self.options, initialization_type=PROVISIONED)
+        slots = [self._new_slot(options) for _ in range(count)]
+        self._idle.extend(slots)
+
+        async def ready(slot: _Slot) -> None:
+            try:
+                env = await slot.environment()
+                await env.initialize()
+                async with asyncio.timeout(INIT_TIMEOUT_S + SHUTDOWN_SLACK_S):
+                    await slot.watch.initialized.wait()
+            except Exception as error:
+                self.on_problem(
+                    f"lambdabox: {self.config.logical_id}: a provisioned environment did not start: {error!r}"
+                )
+                if slot in self._idle:
+                    self._idle.remove(slot)
+                    self._discard(slot)
+
+        await asyncio.gather(*(ready(slot) for slot in slots))
+
+    def reserve(self) -> None:
+        """Take a unit of concurrency for one invoke, or raise Throttled (429) as Lambda does."""
+        if self._closed:
+            raise ApiError(500, "ServiceException", "lambdabox is shutting down")
+        limit = self.config.reserved_concurrency
+        if limit is not None and self.busy >= limit:
+            raise Throttled("ReservedFunctionConcurrentInvocationLimitExceeded")
+        self.capacity.take()
+        self.busy += 1
+
+    async def reserve_waiting(self, timeout_s: float) -> None:
+        """``reserve`` as soon as a unit is free, within ``timeout_s`` (TimeoutError after)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    return self.reserve()
+                except Throttled:
+                    await asyncio.wait({self.capacity.freed()})
+
+    def give_back(self) -> None:
+        """Return a unit taken by ``reserve`` that ``run`` will not use."""
+        self.busy -= 1
+        self.capacity.give_back()
+
+    async def run(
+        self,
+        payload: bytes,
+        *,
+        request_id: str,
+        client_context: str | None = None,
+        invoked_function_arn: str | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> Ran:
+        """Invoke on a unit reserved before (given back here whatever happens), in the warm environment used most
+        recently (provisioned ones first) or a new one; returns when the invoke phase is over."""
+        slot: _Slot | None = None
+        try:
+            slot = self._take_idle()
+            fresh = slot is None
+            slot = slot or self._new_slot(self.options)
+            try:
+                env = await slot.environment()
+            except Exception as error:
+                self.on_problem(f"lambdabox: {self.config.logical_id}: cannot start an environment: {error}")
+                raise
+            for line in env.degraded if fresh else ():
+                self.on_problem(f"lambdabox: degraded mode: {line}")
+            result = await env.invoke(
+                payload,
+                client_context=client_context,
+                invoked_function_arn=invoked_function_arn,
+                request_id=request_id,
+                on_outcome=on_outcome,
+            )
+            return Ran(result, slot.watch.tail())
+        except BaseException:
+            if slot is not None:  # its state is unknown: no other invoke gets it
+                self._discard(slot)
+                slot = None
+            raise
+        finally:
+            self.give_back()
+            if slot is not None:
+                self._park(slot)
+
+    def _take_idle(self) -> _Slot | None:
+        if not self._idle:
+            return None
+        provisioned = [i for i, slot in enumerate(self._idle) if slot.provisioned]
+        slot = self._idle.pop(provisioned[-1] if provisioned else -1)
+        slot.cancel_expiry()
+        return slot
+
+    def _new_slot(self, options: Options) -> _Slot:
+        slot = _Slot(self.config, options, self.observers)
+        self._slots.add(slot)
+        return slot
+
+    def _park(self, slot: _Slot) -> None:
+        if self._closed:
+            self._discard(slot)
+            return
+        self._idle.append(slot)
+        if not slot.provisioned:
+            slot.expiry = asyncio.get_running_loop().call_later(self.keep_alive_s, self._expire, slot)
+
+    def _expire(self, slot: _Slot) -> None:
+        slot.expiry = None
+        if slot in self._idle:
+            self._idle.remove(slot)
+            self._discard(slot)
+
+    def _discard(self, slot: _Slot) -> None:
+        self._slots.discard(slot)
+        task = asyncio.create_task(slot.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closed_one)
+
+    def _closed_one(self, task: asyncio.Task[BaseException | None]) -> None:
+        self._closing.discard(task)
+        error = None if task.cancelled() else task.exception() or task.result()
+        if error is not None:
+            self.on_problem(f"lambdabox: {self.config.logical_id}: an environment failed: {error!r}")
+
+    async def close(self) -> None:
+        """Shut every environment down, idle or not, concurrently; each within its own deadlines."""
+        self._closed = True
+        self._idle.clear()
+        for slot in list(self._slots):
+            self._discard(slot)
+        while self._closing:
+            await asyncio.wait(set(self._closing))

@@ -1,0 +1,237 @@
+"""The Invoke API server: every function of a template behind one HTTP endpoint, each with a pool of environments
+and a queue of asynchronous invokes, and the file where records for destinations outside the template go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from aiohttp import web
+
+from lambdabox.api import invoke as invoke_api
+from lambdabox.api.invoke import INVOKER, Answer, function_name, render_service_errors
+from lambdabox.asyncinvoke import EventQueue
+from lambdabox.core.lifecycle import INIT_TIMEOUT_S
+from lambdabox.core.model import FunctionConfig, Outcome
+from lambdabox.environment import SHUTDOWN_SLACK_S, Observer, Options
+from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, Capacity, Pool, Ran, default_max_concurrency
+from lambdabox.template import Template
+
+DEFAULT_PORT = 3001  # as `sam local start-lambda`
+DEFAULT_DESTINATIONS = Path(".lambdabox") / "destinations.jsonl"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # an idle environment is shut down after this
+    max_concurrency: int = field(default_factory=default_max_concurrency)  # concurrent executions, all functions
+    time_scale: float = 1.0  # scales Lambda's asynchronous timings: retry delays and the maximum event age
+    destinations: Path = DEFAULT_DESTINATIONS  # JSON lines: records for destinations that are not functions here
+    environment: Options = field(default_factory=Options)
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Server:
+    """What the Invoke API hands requests to. Use :func:`open_server`."""
+
+    def __init__(
+        self,
+        template: Template,
+        settings: ServerSettings,
+        observers: Iterable[Observer] = (),
+        report: Callable[[str], None] = _to_stderr,
+    ) -> None:
+        self.template = template
+        self.settings = settings
+        self.destinations = settings.destinations.absolute()
+        self._report = report
+        self.capacity = Capacity(settings.max_concurrency)
+        self.pools = {
+            name: Pool(
+                config,
+                self.capacity,
+                options=settings.environment,
+                keep_alive_s=settings.keep_alive_s,
+                observers=observers,
+                on_problem=self.report,
+            )
+            for name, config in template.functions.items()
+        }
+        self.queues: dict[str, EventQueue] = {}
+        self.address: tuple[str, int] = ("", 0)
+        self._inflight: set[asyncio.Task[Ran]] = set()
+        self._said: set[str] = set()
+        self._file: IO[str] | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def longest_invoke_s(self) -> float:
+        """The longest an invoke may take, by Lambda's rules (Init, the timeout, and a margin to reap)."""
+        timeouts = [config.timeout_s for config in self.template.functions.values()]
+        return INIT_TIMEOUT_S + max(timeouts, default=0.0) + SHUTDOWN_SLACK_S
+
+    # ---- the Invoke API's side --------------------------------------------------------------------------------
+
+    def function(self, name: str) -> FunctionConfig | None:
+        functions = self.template.functions
+        if name in functions:
+            return functions[name]
+        found = [config for config in functions.values() if config.function_name == name]
+        if not found and name == invoke_api.EMULATOR_NAME and len(functions) == 1:
+            found = list(functions.values())
+        return found[0] if found else None
+
+    async def invoke(
+        self, config: FunctionConfig, payload: bytes, *, client_context: str | None, invoked_arn: str, tail: bool
+    ) -> Answer:
+        pool = self.pools[config.logical_id]
+        pool.reserve()
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[Outcome] = loop.create_future()
+        request_id = str(uuid.uuid4())
+
+        def on_outcome(outcome: Outcome) -> None:
+            if not answered.done():
+                answered.set_result(outcome)
+
+        def finished(task: asyncio.Task[Ran]) -> None:
+            self._inflight.discard(task)
+            error = None if task.cancelled() else task.exception()
+            if error is not None and answered.done():  # the caller had its answer; the operator hears of this
+                self.report(f"lambdabox: {config.logical_id}: invoke {request_id} failed after its outcome: {error!r}")
+
+        run = pool.run(
+            payload,
+            request_id=request_id,
+            client_context=client_context,
+            invoked_function_arn=invoked_arn,
+            on_outcome=on_outcome,
+        )
+        task = loop.create_task(run)
+        self._inflight.add(task)
+        task.add_done_callback(finished)
+        if tail:  # the tail ends with Lambda's END and REPORT lines, so it waits for the end of the invoke phase
+            ran = await asyncio.shield(task)
+            return Answer(request_id, ran.result.outcome, ran.log_result)
+        either: set[asyncio.Future[Any]] = {answered, task}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if answered.done():
+            return Answer(request_id, answered.result())
+        answered.cancel()
+        return Answer(request_id, task.result().result.outcome)
+
+    def enqueue(self, config: FunctionConfig, payload: bytes) -> str:
+        return self.queues[config.logical_id].put(payload)
+
+    def report(self, text: str) -> None:
+        if text.startswith("lambdabox: degraded mode"):
+            if text in self._said:
+                return
+            self._said.add(text)
+        self._report(text)
+
+    # ---- destinations -----------------------------------------------------------------------------------------
+
+    def deliver(self, destination: str, record: dict[str, Any]) -> None:
+        """An invocation record to a function of the template (invoked asynchronously), else to the file."""
+        config = self._destination_function(destination)
+        if config is not None:
+            self.queues[config.logical_id].put(json.dumps(record).encode())
+            return
+        try:
+            if self._file is None:
+                self.destinations.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.destinations.open("a", encoding="utf-8")
+            self._file.write(json.dumps({"destination": destination, "record": record}) + "\n")
+            self._file.flush()
+        except OSError as error:
+            self.report(f"lambdabox: cannot write the record for {destination} to {self.destinations}: {error}")
+
+    def _destination_function(self, destination: str) -> FunctionConfig | None:
+        parsed = function_name(destination)
+        if parsed is None or (destination.startswith("arn:") and ":lambda:" not in destination):
+            return None
+        config = self.function(parsed.name)
+        return config if config is not None and parsed.matches(config) else None
+
+    def _check_destinations(self) -> None:
+        for config in self.template.functions.values():
+            for destination in (config.event_invoke.on_success, config.event_invoke.on_failure):
+                if destination is None or self._destination_function(destination) is not None:
+                    continue
+                if ":lambda:" in destination or not destination.startswith("arn:"):
+                    self.report(
+                        f"lambdabox: {config.logical_id}: destination {destination} is not a function of the "
+                        f"template; its records go to {self.destinations}"
+                    )
+
+    # ---- life -------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._check_destinations()
+        for name, pool in self.pools.items():
+            self.queues[name] = EventQueue(pool, self.deliver, time_scale=self.settings.time_scale, log=self.report)
+        await asyncio.gather(*(pool.start() for pool in self.pools.values()))
+
+    async def wait_settled(self) -> None:
+        """Wait until every asynchronous invoke accepted so far, and those its destinations started, has ended."""
+        while not all(queue.settled for queue in self.queues.values()):
+            for queue in self.queues.values():
+                await queue.wait_settled()
+
+    async def close(self) -> None:
+        """Stop the queues, let the invokes in flight finish (within their deadlines), shut every environment down."""
+        await asyncio.gather(*(queue.close() for queue in self.queues.values()))
+        while self._inflight:
+            await asyncio.wait(set(self._inflight))
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        if self._file is not None:
+            self._file.close()
+
+
+@asynccontextmanager
+async def open_server(
+    template: Template,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    settings: ServerSettings | None = None,
+    observers: Iterable[Observer] = (),
+    report: Callable[[str], None] = _to_stderr,
+) -> AsyncIterator[Server]:
+    """Serve the Invoke API for every function of ``template`` (port 0: any free port; see ``Server.address``).
+
+    On exit: stop accepting, let the requests and invokes in flight finish within their deadlines, shut every
+    environment down as Lambda does (SHUTDOWN ``spindown``).
+    """
+    server = Server(template, settings or ServerSettings(), observers, report)
+    app = web.Application(middlewares=[render_service_errors])
+    app[INVOKER] = server
+    app.add_routes(invoke_api.routes())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.longest_invoke_s)
+    await runner.setup()
+    try:
+        await server.start()
+        await web.TCPSite(runner, host, port).start()
+        address = runner.addresses[0]
+        server.address = (str(address[0]), int(address[1]))
+        yield server
+    finally:
+        for queue in server.queues.values():
+            queue.stop()
+        await runner.cleanup()  # no new connections; the requests in flight are answered (bounded)
+        await server.close()

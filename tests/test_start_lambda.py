@@ -1,0 +1,145 @@
+"""``lambdabox start-lambda`` as users run it: a real process on loopback, the AWS CLI and boto3 as they are, and a
+graceful SIGTERM (the invoke in flight finishes, every extension gets SHUTDOWN, exit status 0)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from server_support import aws_cli, lambda_client, write_template
+
+LAMBDABOX = [sys.executable, "-m", "lambdabox"]
+FUNCTIONS = """
+Echo:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: invoke_handler.context}
+Busy:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: invoke_handler.occupy}
+Fail:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: handler.fail}
+"""
+WAIT_S = 30
+
+
+class Lines:
+    """A pipe's lines, read by a thread, awaited with a deadline."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, fragment: str, within_s: float = WAIT_S) -> str:
+        while True:
+            line = self._queue.get(timeout=within_s)
+            if line is None:
+                raise AssertionError(f"{fragment!r} never came:\n" + "\n".join(self.seen))
+            self.seen.append(line)
+            if fragment in line:
+                return line
+
+    def rest(self) -> list[str]:
+        """Everything up to the end of the stream (the process has exited)."""
+        self._thread.join(timeout=WAIT_S)
+        while (line := self._queue.get(timeout=WAIT_S)) is not None:
+            self.seen.append(line)
+        return self.seen
+
+
+@contextmanager
+def start_lambda(template: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, Lines, Lines]]:
+    argv = [*LAMBDABOX, "start-lambda", "-t", str(template), "-p", "0", *args]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    with subprocess.Popen(argv, cwd=template.parent, text=True, **pipes) as process:
+        assert process.stdout is not None and process.stderr is not None
+        out, err = Lines(process.stdout), Lines(process.stderr)
+        try:
+            line = out.wait_for("serving the Lambda Invoke API on ")
+            url = line.split(" on ", 1)[1].split(" ", 1)[0]
+            yield process, url, out, err
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=WAIT_S)
+
+
+def test_the_aws_cli_and_boto3_then_sigterm_lets_the_invoke_finish_and_shuts_down(tmp_path: Path) -> None:
+    template = write_template(tmp_path, FUNCTIONS, extension=True)
+    with start_lambda(template, "--retry-delay-scale", "0.01") as (process, url, out, err):
+        assert urlsplit(url).hostname == "127.0.0.1"  # loopback unless told otherwise
+        assert str(tmp_path / ".lambdabox" / "destinations.jsonl") in out.wait_for("asynchronous destinations")
+
+        result = tmp_path / "out.json"
+        done = aws_cli(url, "invoke", "--function-name", "Echo", "--payload", '{"a": 1}', "--log-type", "Tail",
+                       str(result))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        meta = json.loads(done.stdout)
+        assert meta["StatusCode"] == 200 and meta["ExecutedVersion"] == "$LATEST"
+        assert "REPORT RequestId: " in base64.b64decode(meta["LogResult"]).decode()
+        assert json.loads(result.read_text())["event"] == {"a": 1}
+
+        failed = aws_cli(url, "invoke", "--function-name", "Fail", str(result))
+        assert failed.returncode == 0 and json.loads(failed.stdout)["FunctionError"] == "Unhandled"
+        assert json.loads(result.read_text())["errorMessage"] == "boom"
+        queued = aws_cli(url, "invoke", "--function-name", "Echo", "--invocation-type", "Event", str(result))
+        assert json.loads(queued.stdout)["StatusCode"] == 202
+        dry = aws_cli(url, "invoke", "--function-name", "Echo", "--invocation-type", "DryRun", str(result))
+        assert json.loads(dry.stdout)["StatusCode"] == 204
+        missing = aws_cli(url, "invoke", "--function-name", "Nope", str(result))
+        assert missing.returncode == 255 and "(ResourceNotFoundException)" in missing.stderr
+
+        answers: list[Any] = []
+        client = lambda_client(url)
+        slow = threading.Thread(
+            target=lambda: answers.append(client.invoke(FunctionName="Busy", Payload=b'{"seconds": 2}')), daemon=True
+        )
+        slow.start()
+        err.wait_for("occupying ")  # the invoke is in flight
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=WAIT_S) == 0
+        slow.join(timeout=WAIT_S)
+        assert answers and answers[0]["StatusCode"] == 200 and "FunctionError" not in answers[0]
+        assert json.loads(answers[0]["Payload"].read())["others_in_tmp"] == []
+        logs = err.rest()
+        registered = [line for line in logs if '"what": "registered"' in line]
+        spindowns = [line for line in logs if '"shutdownReason": "spindown"' in line]
+        assert len(registered) == len(spindowns) >= 3, "\n".join(logs)  # at least Echo, Fail and Busy
+        with socket.socket() as probe:
+            address = urlsplit(url)
+            assert probe.connect_ex((address.hostname or "", address.port or 0)) != 0  # no longer listening
+
+
+def test_sigint_on_an_idle_server_exits_0(tmp_path: Path) -> None:
+    template = write_template(tmp_path, FUNCTIONS)
+    with start_lambda(template, "--host", "127.0.0.1") as (process, _url, _out, err):
+        os.kill(process.pid, signal.SIGINT)
+        assert process.wait(timeout=WAIT_S) == 0
+        assert any("stopping" in line for line in err.rest())
+
+
+def test_a_bad_template_is_refused_before_anything_listens(tmp_path: Path) -> None:
+    template = write_template(tmp_path, FUNCTIONS.replace("invoke_handler.context}", "x, Timeout: 901}"))
+    argv = [*LAMBDABOX, "start-lambda", "-t", str(template), "-p", "0"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert str(template) in done.stderr and "Echo" in done.stderr and "Timeout" in done.stderr
