@@ -281,3 +281,34 @@ def test_degraded_mode_says_what_differs(tmp_path: Path) -> None:
     degraded, result = run(go())
     assert degraded and any("/var/task" in line for line in degraded)
     assert body(result)["LAMBDA_TASK_ROOT"] != "/var/task"
+
+
+def test_host_network_reaches_services_on_the_host_and_private_network_does_not(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    config = make_function(tmp_path, "handler.fetch")
+
+    async def go() -> list[InvokeResult]:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="from the host")
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
+        try:
+            results = []
+            for private in (False, True):
+                async with open_environment(config, Options(private_network=private)) as env:
+                    results.append(await env.invoke(json.dumps({"url": url}).encode()))
+            return results
+        finally:
+            await runner.cleanup()
+
+    shared, private = run(go())
+    assert body(shared) == {"status": 200, "body": "from the host"}
+    if os.geteuid() == 0:
+        assert body(private) == {"error": "URLError"}  # only loopback inside the environment's namespace

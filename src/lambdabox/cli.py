@@ -58,6 +58,13 @@ def main() -> None:
     show_default=True,
     help="Use a mount namespace and cgroups where the machine allows it.",
 )
+@click.option(
+    "--private-network/--host-network",
+    default=True,
+    show_default=True,
+    help="A network namespace per environment (loopback only, as Lambda's Runtime API at 127.0.0.1:9001), "
+    "or the host's network (reach services on the host; extensions must not share ports).",
+)
 @click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values.")
 def invoke(
     function: str | None,
@@ -66,6 +73,7 @@ def invoke(
     repeat: int,
     freeze: bool,
     isolate: bool,
+    private_network: bool,
     parameter_overrides: tuple[str, ...],
 ) -> None:
     """Invoke FUNCTION (a logical id; optional when the template has one function) with EVENT.
@@ -79,7 +87,7 @@ def invoke(
         payload = _read_event(event)
     except (LambdaboxError, OSError) as error:
         raise click.ClickException(str(error)) from error
-    options = Options(freeze=freeze, isolate=isolate)
+    options = Options(freeze=freeze, isolate=isolate, private_network=private_network)
     try:
         ok = asyncio.run(_invoke(config, payload, repeat, options))
     except LambdaboxError as error:
@@ -161,6 +169,13 @@ async def _invoke(config: FunctionConfig, payload: bytes, repeat: int, options: 
 )
 @click.option("--freeze/--no-freeze", default=True, show_default=True, help="Freeze idle environments.")
 @click.option("--isolate/--no-isolate", default=True, show_default=True, help="Namespaces and cgroups.")
+@click.option(
+    "--private-network/--host-network",
+    default=True,
+    show_default=True,
+    help="A network namespace per environment (loopback only, as Lambda's Runtime API at 127.0.0.1:9001), "
+    "or the host's network (reach services on the host; extensions must not share ports).",
+)
 @click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values.")
 def start_lambda(
     template_path: Path,
@@ -172,6 +187,7 @@ def start_lambda(
     destinations_file: Path,
     freeze: bool,
     isolate: bool,
+    private_network: bool,
     parameter_overrides: tuple[str, ...],
 ) -> None:
     """Serve the Lambda Invoke API for every function of the template, for boto3, the AWS CLI and the SDKs.
@@ -188,7 +204,7 @@ def start_lambda(
         max_concurrency=max_concurrency,
         time_scale=retry_delay_scale,
         destinations=destinations_file,
-        environment=Options(freeze=freeze, isolate=isolate),
+        environment=Options(freeze=freeze, isolate=isolate, private_network=private_network),
     )
     try:
         asyncio.run(_serve(template, host, port, settings))

@@ -87,6 +87,7 @@ class InvokeResult:
 class Options:
     freeze: bool = True
     isolate: bool = True
+    private_network: bool = True  # a network namespace with only loopback; False shares the host's network
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "lambdabox")
     initialization_type: str = "on-demand"
 
@@ -449,7 +450,13 @@ async def open_environment(
         (work_dir / "tmp").mkdir(mode=0o1777, exist_ok=True)
         layout = Layout(env._staged.task, env._staged.opt, work_dir / "tmp", keep=_keep_paths())
         env._isolation = await stack.enter_async_context(
-            open_isolation(layout, memory_mb=config.memory_mb, name=config.logical_id, isolate=options.isolate)
+            open_isolation(
+                layout,
+                memory_mb=config.memory_mb,
+                name=config.logical_id,
+                isolate=options.isolate,
+                network=options.private_network,
+            )
         )
         env._runtime = await asyncio.to_thread(  # the first use of a runtime installs its client
             resolve_runtime,

@@ -791,3 +791,14 @@ def test_an_invoke_that_arrives_during_a_reset_waits_for_it_and_starts_the_next_
     env.at(1.7).do(RuntimeRequestedNext())
     commands = env.do(ExtensionRequestedNext("id-ext-2"))
     assert one(commands, DeliverInvoke).invoke.request_id == "req-2"
+
+
+def test_an_init_ahead_of_demand_is_not_reported_on_the_first_invoke() -> None:
+    env = Env()
+    env.do(InitRequested("provisioned-concurrency"))
+    commands = env.at(0.5).do(RuntimeRequestedNext())
+    assert record(commands, "platform.initReport")["metrics"]["durationMs"] == pytest.approx(500.0)
+    env.at(10.0).do(InvokeRequested(invoke()))
+    env.respond()
+    commands = env.at(10.5).do(RuntimeRequestedNext())
+    assert one(commands, FinishInvoke).init_duration_ms is None

@@ -208,10 +208,12 @@ class Lifecycle:
         if not (self._runtime_waiting and waiting and self.registry.all_external_registered()):
             return
         self._cmds.append(CancelTimer(Timer.INIT))
-        self._init_duration_ms = _ms(now - self._init_started_at)
+        duration = _ms(now - self._init_started_at)
+        # REPORT shows Init Duration only when the init was part of the invoke's cold start (on demand).
+        self._init_duration_ms = duration if self._init_type == "on-demand" else None
         common = {"initializationType": self._init_type, "phase": "init", "status": "success"}
         self._emit(now, "platform.initRuntimeDone", **common)
-        self._emit(now, "platform.initReport", **common, metrics={"durationMs": self._init_duration_ms})
+        self._emit(now, "platform.initReport", **common, metrics={"durationMs": duration})
         self.phase = Phase.READY
         self._go_idle_or_invoke(now)
 
