@@ -55,6 +55,8 @@ def test_parallel_invokes_run_together_in_environments_of_their_own(tmp_path: Pa
             if not any("degraded mode" in line for line in served.reports):  # else /tmp is the host's
                 assert all(a["others_in_tmp"] == [] for a in answers)  # each /tmp is private to its environment
             pool = served.server.pools["Busy"]
+            async with asyncio.timeout(10):  # the answers go out before the invoke phases end
+                await pool.wait_quiet()
             assert pool.environments == count and pool.idle == count and pool.busy == 0
             again = await asyncio.gather(*(invoke(served, "Busy", {"seconds": 0.5}) for _ in range(count)))
             assert {a["environment"] for a in again} == {a["environment"] for a in answers}  # warm, reused
@@ -70,8 +72,12 @@ def test_the_most_recently_used_environment_is_reused_first(tmp_path: Path) -> N
                 invoke(served, "Busy", {"seconds": 0.2}), invoke(served, "Busy", {"seconds": 1.2})
             )
             assert short["environment"] != long["environment"]
+            async with asyncio.timeout(10):  # both environments back in the pool, the long one last
+                await served.server.pools["Busy"].wait_quiet()
             for _ in range(3):
                 assert (await invoke(served, "Busy", {"seconds": 0}))["environment"] == long["environment"]
+                async with asyncio.timeout(10):
+                    await served.server.pools["Busy"].wait_quiet()
 
     run(main())
 

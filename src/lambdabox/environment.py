@@ -125,6 +125,7 @@ class Environment:
         self._mono0, self._epoch0 = time.monotonic(), time.time()
         self._queue: asyncio.Queue[f.Command] = asyncio.Queue()
         self._procs: dict[str | None, OwnedProcess] = {}
+        self._doomed: list[OwnedProcess] = []  # detached by Kill/KillAll, killed and reaped by KillAll
         self._timers: dict[f.Timer, asyncio.TimerHandle] = {}
         self._runtime_waiter: asyncio.Future[tuple[f.Invoke, float]] | None = None
         self._extension_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -151,7 +152,17 @@ class Environment:
 
     def submit(self, fact: f.Fact) -> None:
         for command in self.lifecycle.handle(fact, self.now()):
+            self._detach(command)
             self._queue.put_nowait(command)
+
+    def _detach(self, command: f.Command) -> None:
+        """Processes the core has just given up on leave the table now, not when the command is carried out:
+        their exits must not be reported as exits of the processes a following init starts under their names."""
+        if isinstance(command, f.KillAll):
+            self._doomed.extend(self._procs.values())
+            self._procs.clear()
+        elif isinstance(command, f.Kill) and (process := self._procs.pop(command.extension, None)) is not None:
+            self._doomed.append(process)
 
     async def runtime_next(self, fact: f.RuntimeRequestedNext) -> tuple[f.Invoke, float]:
         waiter: asyncio.Future[tuple[f.Invoke, float]] = asyncio.get_running_loop().create_future()
@@ -275,8 +286,8 @@ class Environment:
             case f.TerminateRuntime():
                 if (runtime := self._procs.get(None)) is not None:
                     runtime.signal(signal.SIGTERM)
-            case f.Kill(extension=name):
-                if (process := self._procs.pop(name, None)) is not None:
+            case f.Kill():
+                for process in self._doomed:
                     process.signal(signal.SIGKILL)
             case f.KillAll():
                 await self._kill_all()
@@ -328,8 +339,7 @@ class Environment:
         self._submit_quietly(f.ProcessExited(name, returncode, oom))
 
     async def _kill_all(self) -> None:
-        processes = list(self._procs.values())
-        self._procs.clear()
+        processes, self._doomed = self._doomed, []
         for process in processes:
             process.signal(signal.SIGKILL)
         await self._isolation.kill_all()
@@ -448,7 +458,7 @@ async def open_environment(
         source = str(config.template or config.code)
         extensions = discover_extensions(env._staged.opt, source)
         (work_dir / "tmp").mkdir(mode=0o1777, exist_ok=True)
-        layout = Layout(env._staged.task, env._staged.opt, work_dir / "tmp", keep=_keep_paths())
+        layout = Layout(env._staged.task, env._staged.opt, work_dir / "tmp", keep=_keep_paths(options.cache_dir))
         env._isolation = await stack.enter_async_context(
             open_isolation(
                 layout,
@@ -469,7 +479,9 @@ async def open_environment(
             host_opt_root=str(env._staged.opt),
         )
         env.lifecycle = Lifecycle(
-            Settings(config.function_name, config.version, config.timeout_s, extensions, freeze=options.freeze)
+            Settings(
+                config.function_name, config.version, config.timeout_s, extensions, freeze=options.freeze, marks=True
+            )
         )
         app = web.Application(middlewares=[render_errors], client_max_size=runtime_api.MAX_RESPONSE_BYTES * 2)
         app[SHELL] = env
@@ -527,10 +539,11 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _keep_paths() -> tuple[Path, ...]:
-    """Host paths the runtime needs inside the environment even if they lie under /tmp."""
+def _keep_paths(cache_dir: Path) -> tuple[Path, ...]:
+    """Host paths the runtime needs inside the environment even if they lie under /tmp (the runtimes' cache,
+    the interpreter, lambdabox's own bootstrap scripts)."""
     import sys
 
     import lambdabox
 
-    return tuple({Path(sys.prefix), Path(sys.base_prefix), Path(lambdabox.__file__).parent})
+    return tuple({cache_dir, Path(sys.prefix), Path(sys.base_prefix), Path(lambdabox.__file__).parent})

@@ -23,8 +23,8 @@ from lambdabox.environment import (
     Observer,
     Options,
     TelemetryEvent,
-    open_environment,
 )
+from lambdabox.logstore import LogStore, open_logged_environment
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 TAIL_BYTES = 4096
@@ -113,7 +113,10 @@ class _Watch:
 class _Slot:
     """One environment, opened and closed by a task of its own (so that no caller's cancellation tears it)."""
 
-    def __init__(self, config: FunctionConfig, options: Options, observers: list[Observer]) -> None:
+    def __init__(
+        self, config: FunctionConfig, options: Options, observers: list[Observer], log_store: LogStore | None = None
+    ) -> None:
+        self.log_store = log_store
         self.provisioned = options.initialization_type == PROVISIONED
         self.watch = _Watch()
         self.expiry: asyncio.TimerHandle | None = None
@@ -123,7 +126,7 @@ class _Slot:
 
     async def _own(self, config: FunctionConfig, options: Options, observers: list[Observer]) -> BaseException | None:
         try:
-            async with open_environment(config, options, observers) as env:
+            async with open_logged_environment(config, options, observers, self.log_store) as env:
                 self._env.set_result(env)
                 await self._stop.wait()
         except Exception as error:
@@ -163,8 +166,10 @@ class Pool:
         keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
         observers: Iterable[Observer] = (),
         on_problem: Callable[[str], None] = lambda text: None,
+        log_store: LogStore | None = None,
     ) -> None:
         self.config = config
+        self.log_store = log_store  # where each environment's log lines are kept (none: nowhere)
         self.capacity = capacity
         self.options = dataclasses.replace(options or Options(), initialization_type="on-demand")
         self.keep_alive_s = keep_alive_s
@@ -175,6 +180,7 @@ class Pool:
         self._slots: set[_Slot] = set()
         self._closing: set[asyncio.Task[BaseException | None]] = set()
         self._closed = False
+        self._quiet: list[asyncio.Future[None]] = []  # waiters for the moment no invoke is in flight
 
     @property
     def environments(self) -> int:
@@ -228,8 +234,26 @@ class Pool:
 
     def give_back(self) -> None:
         """Return a unit taken by ``reserve`` that ``run`` will not use."""
+        self._release()
+        self._notify_if_quiet()
+
+    async def wait_quiet(self) -> None:
+        """Wait until no invoke is in flight and every environment they used is back in the pool."""
+        if self.busy:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._quiet.append(waiter)
+            await waiter
+
+    def _release(self) -> None:
         self.busy -= 1
         self.capacity.give_back()
+
+    def _notify_if_quiet(self) -> None:
+        if self.busy == 0:
+            waiters, self._quiet = self._quiet, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def run(
         self,
@@ -268,9 +292,10 @@ class Pool:
                 slot = None
             raise
         finally:
-            self.give_back()
+            self._release()
             if slot is not None:
                 self._park(slot)
+            self._notify_if_quiet()
 
     def _take_idle(self) -> _Slot | None:
         if not self._idle:
@@ -281,7 +306,7 @@ class Pool:
         return slot
 
     def _new_slot(self, options: Options) -> _Slot:
-        slot = _Slot(self.config, options, self.observers)
+        slot = _Slot(self.config, options, self.observers, self.log_store)
         self._slots.add(slot)
         return slot
 
