@@ -22,6 +22,7 @@ from lambdabox.asyncinvoke import EventQueue
 from lambdabox.core.lifecycle import INIT_TIMEOUT_S
 from lambdabox.core.model import FunctionConfig, Outcome
 from lambdabox.environment import SHUTDOWN_SLACK_S, Observer, Options
+from lambdabox.logstore import LogStore
 from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, Capacity, Pool, Ran, default_max_concurrency
 from lambdabox.template import Template
 
@@ -36,6 +37,7 @@ class ServerSettings:
     time_scale: float = 1.0  # scales Lambda's asynchronous timings: retry delays and the maximum event age
     destinations: Path = DEFAULT_DESTINATIONS  # JSON lines: records for destinations that are not functions here
     environment: Options = field(default_factory=Options)
+    logs: LogStore | None = None  # where every environment's log lines are kept (none: nowhere)
 
 
 def _to_stderr(text: str) -> None:
@@ -65,6 +67,7 @@ class Server:
                 keep_alive_s=settings.keep_alive_s,
                 observers=observers,
                 on_problem=self.report,
+                log_store=settings.logs,
             )
             for name, config in template.functions.items()
         }
