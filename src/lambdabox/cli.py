@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,10 +16,13 @@ import click
 from lambdabox.console import Console
 from lambdabox.core.errors import ConfigError, LambdaboxError
 from lambdabox.core.model import FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
-from lambdabox.environment import Options, open_environment
+from lambdabox.environment import Observer, Options
+from lambdabox.logs_cli import logs
+from lambdabox.logstore import LogStore, open_logged_environment
 from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
 from lambdabox.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
 from lambdabox.template import Template, load_template
+from lambdabox.timeline import Timeline, render_html
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,6 +70,21 @@ def main() -> None:
     "or the host's network (reach services on the host; extensions must not share ports).",
 )
 @click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values.")
+@click.option(
+    "--timeline",
+    "timeline_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    metavar="FILE.html",
+    help="Write a self-contained HTML page with the timeline of the Init, every invoke and the shutdown: "
+    "one row per process, one bar per phase, hover for exact figures.",
+)
+@click.option(
+    "--timeline-console/--no-timeline-console",
+    default=True,
+    show_default=True,
+    help="After each REPORT line, a compact timeline: one bar per process, and the time each spent after the response.",
+)
 def invoke(
     function: str | None,
     template_path: Path,
@@ -75,6 +94,8 @@ def invoke(
     isolate: bool,
     private_network: bool,
     parameter_overrides: tuple[str, ...],
+    timeline_path: Path | None,
+    timeline_console: bool,
 ) -> None:
     """Invoke FUNCTION (a logical id; optional when the template has one function) with EVENT.
 
@@ -88,21 +109,39 @@ def invoke(
     except (LambdaboxError, OSError) as error:
         raise click.ClickException(str(error)) from error
     options = Options(freeze=freeze, isolate=isolate, private_network=private_network)
+    timeline = Timeline() if timeline_path or timeline_console else None
     try:
-        ok = asyncio.run(_invoke(config, payload, repeat, options))
+        ok = asyncio.run(_invoke(config, payload, repeat, options, timeline, timeline_console=timeline_console))
     except LambdaboxError as error:
         raise click.ClickException(str(error)) from error
+    if timeline is not None and timeline_path is not None:
+        _write_timeline(timeline_path, timeline, config.function_name)
     sys.exit(0 if ok else 1)
 
 
-async def _invoke(config: FunctionConfig, payload: bytes, repeat: int, options: Options) -> bool:
+async def _invoke(
+    config: FunctionConfig,
+    payload: bytes,
+    repeat: int,
+    options: Options,
+    timeline: Timeline | None = None,
+    *,
+    timeline_console: bool = False,
+) -> bool:
+    """Invoke ``repeat`` times; ``timeline`` observes the run, and its compact view follows each REPORT line."""
     console = Console()
+    observers: list[Observer] = [console]
+    if timeline is not None:
+        color = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+        if timeline_console:
+            console.after_report = lambda request_id: timeline.compact(request_id, color=color)
+        observers.append(timeline)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     ok = True
-    async with open_environment(config, options, [console]) as env:
+    async with open_logged_environment(config, options, observers, LogStore()) as env:
         for line in env.degraded:
             click.echo(f"lambdabox: degraded mode: {line}", err=True)
         for _ in range(repeat):
@@ -118,6 +157,14 @@ async def _invoke(config: FunctionConfig, payload: bytes, repeat: int, options: 
             click.echo(render_outcome(result.outcome))
             ok = ok and isinstance(result.outcome, Response)
     return ok
+
+
+def _write_timeline(path: Path, timeline: Timeline, function_name: str) -> None:
+    try:
+        path.write_text(render_html(timeline.sections, f"lambdabox timeline: {function_name}"), encoding="utf-8")
+    except OSError as error:
+        raise click.ClickException(f"--timeline: cannot write {path}: {error}") from error
+    click.echo(f"lambdabox: timeline written to {path}", err=True)
 
 
 @main.command("start-lambda")
@@ -205,6 +252,7 @@ def start_lambda(
         time_scale=retry_delay_scale,
         destinations=destinations_file,
         environment=Options(freeze=freeze, isolate=isolate, private_network=private_network),
+        logs=LogStore(),
     )
     try:
         asyncio.run(_serve(template, host, port, settings))
@@ -257,3 +305,6 @@ def _pair(item: str) -> tuple[str, str]:
     if not sep:
         raise ConfigError(f"--parameter-overrides: {item!r} is not KEY=VALUE")
     return key, value
+
+
+main.add_command(logs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from lambdabox.environment import TelemetryEvent
@@ -57,13 +58,22 @@ def format_report(record: dict[str, Any]) -> str:
 
 
 class Console:
-    """An observer that writes every event's log line to a stream (stderr by default), in order."""
+    """An observer that writes every event's log line to a stream (stderr by default), in order.
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    ``after_report``, given an invoke's request id, returns lines to write right after its REPORT line (or None),
+    such as :meth:`lambdabox.timeline.Timeline.compact`; they are the console's own, not the function's log.
+    """
+
+    def __init__(self, stream: TextIO | None = None, after_report: Callable[[str], str | None] | None = None) -> None:
         self.stream = stream or sys.stderr
+        self.after_report = after_report
 
     def __call__(self, event: TelemetryEvent) -> None:
         line = format_event(event)
-        if line is not None:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        if line is None:
+            return
+        if event.type == "platform.report" and self.after_report is not None:
+            extra = self.after_report(str(event.record["requestId"]))
+            line = line if extra is None else f"{line}\n{extra}"
+        self.stream.write(line + "\n")
+        self.stream.flush()

@@ -19,6 +19,7 @@ from yarl import URL
 from lambdabox.core.batching import Backoff, Batcher
 from lambdabox.core.errors import ApiError
 from lambdabox.core.telemetry import (
+    CATEGORIES,
     CLOSED,
     ERROR_TYPE,
     LOGS,
@@ -107,6 +108,8 @@ class TelemetryHub:
         if type_ == "platform.initStart":
             self._begin_init()
         kind = category(type_)
+        if kind not in CATEGORIES:
+            return  # lambdabox's own events (lambdabox.*, the timeline's marks): no API carries them
         if self._open:
             self._remember(event, kind)
         if self._subscribers:

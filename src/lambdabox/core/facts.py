@@ -245,3 +245,19 @@ Command = (
     | FinishShutdown
     | LogLine
 )
+
+# ---- lambdabox.* events: the moments a timeline of the lifecycle is drawn from -----------------------------------
+# With ``Settings.marks`` on, the core emits these as EmitPlatformEvent at its ``now``, beside Lambda's own platform
+# events that mark the rest (platform.initStart, platform.extension for a registration, platform.initReport,
+# platform.start). They are lambdabox's, not Lambda's: no Telemetry or Logs API subscriber ever gets them. Each record
+# names its process as {"process": "runtime"} or {"process": "extension", "name": <name>}.
+
+PROCESS_START = "lambdabox.processStart"  # StartExtension or StartRuntime is commanded
+NEXT = "lambdabox.next"  # the runtime or an extension asked for its next event: {phase, requestId?}
+EVENT_DELIVERED = "lambdabox.eventDelivered"  # an extension is handed INVOKE or SHUTDOWN: {eventType, requestId?}
+RESPONSE = "lambdabox.response"  # the runtime posted its answer: {requestId, status, firstByteAt?, errorType?}
+INVOKE_END = "lambdabox.invokeEnd"  # the invoke phase is over (Duration ends here): {requestId, status, errorType?}
+SHUTDOWN_START = "lambdabox.shutdownStart"  # {reason, reset}
+SIGNAL = "lambdabox.signal"  # SIGTERM to the runtime, or SIGKILL to a process still alive: {signal}
+PROCESS_EXIT = "lambdabox.processExit"  # a live process ended by itself: {returncode, description}
+SHUTDOWN_END = "lambdabox.shutdownEnd"  # every process is gone: {reason, reset}

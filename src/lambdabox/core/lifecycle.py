@@ -15,6 +15,9 @@ Shutdown: SIGTERM to the runtime (its share of the budget), then SHUTDOWN to the
 then SIGKILL for whatever is left at the deadline (0 / 500 / 2000 ms, CONTRACT.md section 3).
 
 Transitions are a table keyed by (phase, fact type); anything not in the table is denied with an ApiError.
+
+Marks. With ``Settings.marks`` on, the core also emits ``lambdabox.*`` events (listed in :mod:`facts`) at the moments a
+timeline needs: a process started, asked for its next event, was handed one, answered, was signalled, exited.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lambdabox.core import facts as mark
 from lambdabox.core.errors import ApiError
-from lambdabox.core.extensions import ExtensionRegistry, ExtensionState
+from lambdabox.core.extensions import Extension, ExtensionRegistry, ExtensionState
 from lambdabox.core.facts import (
     ArmTimer,
     CancelTimer,
@@ -84,6 +88,7 @@ class Settings:
     timeout_s: float
     extensions: tuple[str, ...]  # executables found in /opt/extensions, in start order
     freeze: bool = True
+    marks: bool = False  # emit the lambdabox.* events a timeline is drawn from
 
 
 @dataclass
@@ -110,6 +115,11 @@ def exit_description(returncode: int) -> str:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
+
+
+def _who(name: str | None) -> dict[str, str]:
+    """How a mark names a process: ``name`` is an extension's, None the runtime."""
+    return {"process": "runtime"} if name is None else {"process": "extension", "name": name}
 
 
 class Lifecycle:
@@ -152,6 +162,21 @@ class Lifecycle:
     def _emit(self, now: float, type_: str, **record: Any) -> None:
         self._cmds.append(EmitPlatformEvent(type_, record, now))
 
+    def _mark(self, now: float, type_: str, name: str | None, **record: Any) -> None:
+        """A ``lambdabox.*`` event about one process (``name`` None: the runtime), if marks are on."""
+        if self.settings.marks:
+            self._cmds.append(EmitPlatformEvent(type_, {**_who(name), **record}, now))
+
+    def _mark_phase(self, now: float, type_: str, **record: Any) -> None:
+        """A ``lambdabox.*`` event about the whole environment, if marks are on."""
+        if self.settings.marks:
+            self._cmds.append(EmitPlatformEvent(type_, record, now))
+
+    def _mark_invoke_end(self, now: float, request_id: str, status: str, error_type: str | None) -> None:
+        """Before FinishInvoke, whose platform.report (and REPORT line) the shell emits on carrying it out."""
+        error = {"errorType": error_type} if error_type else {}
+        self._mark_phase(now, mark.INVOKE_END, requestId=request_id, status=status, **error)
+
     # ---- init -------------------------------------------------------------------------------------------------
 
     def _on_init(self, fact: InitRequested, now: float) -> None:
@@ -183,24 +208,29 @@ class Lifecycle:
         for name in self.settings.extensions:
             self._alive.add(name)
             self._cmds.append(StartExtension(name))
-        self._maybe_start_runtime()
+            self._mark(now, mark.PROCESS_START, name)
+        self._maybe_start_runtime(now)
 
-    def _maybe_start_runtime(self) -> None:
+    def _maybe_start_runtime(self, now: float) -> None:
         if None not in self._alive and self.registry.all_external_registered() and self.phase is Phase.INIT:
             self._alive.add(None)
             self._cmds.append(StartRuntime(self._init_type))
+            self._mark(now, mark.PROCESS_START, None)
 
     def _on_register(self, fact: ExtensionRegistered, now: float) -> None:
         extension = self.registry.register(fact.name, fact.events, fact.identifier, runtime_started=None in self._alive)
         self._emit(now, "platform.extension", name=extension.name, state="Ready", events=sorted(extension.events))
-        self._maybe_start_runtime()
+        self._maybe_start_runtime(now)
 
     def _on_runtime_next_init(self, fact: RuntimeRequestedNext, now: float) -> None:
         self._runtime_waiting = True
+        self._mark(now, mark.NEXT, None, phase="init")
         self._maybe_finish_init(now)
 
     def _on_extension_next_init(self, fact: ExtensionRequestedNext, now: float) -> None:
-        self.registry.get(fact.identifier).state = ExtensionState.WAITING
+        extension = self.registry.get(fact.identifier)
+        extension.state = ExtensionState.WAITING
+        self._mark(now, mark.NEXT, extension.name, phase="init")
         self._maybe_finish_init(now)
 
     def _maybe_finish_init(self, now: float) -> None:
@@ -237,6 +267,7 @@ class Lifecycle:
             invoke, self._pending = self._pending, None
             self._emit(now, "platform.start", requestId=invoke.request_id, version=self.settings.version)
             self._cmds.append(Respond(invoke.request_id, outcome))
+            self._mark_invoke_end(now, invoke.request_id, "error", error_type)
             self._cmds.append(FinishInvoke(invoke.request_id, "error", error_type, 0.0, duration))
         self._begin_shutdown(now, "failure", reset=True)
 
@@ -280,15 +311,20 @@ class Lifecycle:
             "tracing": tracing,
         }
         for extension in self.registry.subscribed("INVOKE"):
-            self._send(extension.identifier, event)
+            self._send(extension.identifier, event, now)
 
-    def _send(self, identifier: str, event: dict[str, Any]) -> None:
+    def _send(self, identifier: str, event: dict[str, Any], now: float) -> None:
         extension = self.registry.get(identifier)
         if extension.state is ExtensionState.WAITING:
-            extension.state = ExtensionState.BUSY
-            self._cmds.append(DeliverExtensionEvent(identifier, event))
+            self._deliver(extension, event, now)
         else:
             extension.pending.append(event)
+
+    def _deliver(self, extension: Extension, event: dict[str, Any], now: float) -> None:
+        extension.state = ExtensionState.BUSY
+        self._cmds.append(DeliverExtensionEvent(extension.identifier, event))
+        extra = {"requestId": event["requestId"]} if "requestId" in event else {}
+        self._mark(now, mark.EVENT_DELIVERED, extension.name, eventType=event["eventType"], **extra)
 
     def _check_request_id(self, request_id: str) -> _Invocation:
         invocation = self._invocation
@@ -305,6 +341,8 @@ class Lifecycle:
         invocation.first_byte_at = fact.first_byte_at
         invocation.produced_bytes = len(fact.body)
         self._cmds.append(Respond(fact.request_id, Response(fact.body, fact.content_type)))
+        first_byte_at = fact.first_byte_at
+        self._mark(now, mark.RESPONSE, None, requestId=fact.request_id, status="success", firstByteAt=first_byte_at)
 
     def _on_error(self, fact: ErrorPosted, now: float) -> None:
         invocation = self._check_request_id(fact.request_id)
@@ -312,6 +350,7 @@ class Lifecycle:
         invocation.response_at = now
         invocation.status, invocation.error_type = "error", fact.error_type
         self._cmds.append(Respond(fact.request_id, FunctionFailure(fact.body, fact.error_type)))
+        self._mark(now, mark.RESPONSE, None, requestId=fact.request_id, status="error", errorType=fact.error_type)
 
     def _on_runtime_next_invoke(self, fact: RuntimeRequestedNext, now: float) -> None:
         invocation = self._invocation
@@ -320,6 +359,7 @@ class Lifecycle:
             raise ApiError(403, "InvalidStateTransition", "the runtime asked for the next event before responding")
         self._runtime_waiting = True
         invocation.runtime_done_at = now
+        self._mark(now, mark.NEXT, None, phase="invoke", requestId=invocation.invoke.request_id)
         self._emit_runtime_done(invocation, now)
         self._maybe_finish_invoke(now)
 
@@ -343,14 +383,15 @@ class Lifecycle:
     def _on_extension_next_invoke(self, fact: ExtensionRequestedNext, now: float) -> None:
         extension = self.registry.get(fact.identifier)
         extension.state = ExtensionState.WAITING
-        self._deliver_pending(extension.identifier)
+        request_id = self._invocation.invoke.request_id if self._invocation else None
+        self._mark(now, mark.NEXT, extension.name, phase="invoke", requestId=request_id)
+        self._deliver_pending(extension.identifier, now)
         self._maybe_finish_invoke(now)
 
-    def _deliver_pending(self, identifier: str) -> None:
+    def _deliver_pending(self, identifier: str, now: float) -> None:
         extension = self.registry.get(identifier)
         if extension.pending and extension.state is ExtensionState.WAITING:
-            extension.state = ExtensionState.BUSY
-            self._cmds.append(DeliverExtensionEvent(identifier, extension.pending.pop(0)))
+            self._deliver(extension, extension.pending.pop(0), now)
 
     def _maybe_finish_invoke(self, now: float) -> None:
         invocation = self._invocation
@@ -368,6 +409,7 @@ class Lifecycle:
         self, invocation: _Invocation, now: float, status: str, error_type: str | None, post: float | None = None
     ) -> None:
         self._invocation = None
+        self._mark_invoke_end(now, invocation.invoke.request_id, status, error_type)
         self._cmds.append(
             FinishInvoke(
                 invocation.invoke.request_id,
@@ -410,6 +452,9 @@ class Lifecycle:
     # ---- processes that end -----------------------------------------------------------------------------------
 
     def _on_exit(self, fact: ProcessExited, now: float) -> None:
+        if fact.extension in self._alive:  # not one already killed on purpose
+            how = exit_description(fact.returncode)
+            self._mark(now, mark.PROCESS_EXIT, fact.extension, returncode=fact.returncode, description=how)
         self._alive.discard(fact.extension)
         if fact.extension is not None:
             extension = self.registry.by_name(fact.extension)
@@ -446,6 +491,7 @@ class Lifecycle:
             failure = LambdaFailure("Sandbox.Shutdown", "the environment was shut down before the invoke started")
             self._emit(now, "platform.start", requestId=invoke.request_id, version=self.settings.version)
             self._cmds.append(Respond(invoke.request_id, failure))
+            self._mark_invoke_end(now, invoke.request_id, "failure", failure.error_type)
             self._cmds.append(FinishInvoke(invoke.request_id, "failure", failure.error_type, 0.0, None))
         if self._invocation is not None:
             failure = LambdaFailure("Sandbox.Shutdown", "the environment was shut down during the invoke")
@@ -478,6 +524,7 @@ class Lifecycle:
         self._shutdown_reason = reason
         self._reset = reset
         self._pending = None
+        self._mark_phase(now, mark.SHUTDOWN_START, reason=reason, reset=reset)
         for timer in (Timer.INIT, Timer.INVOKE):
             self._cmds.append(CancelTimer(timer))
         total, runtime_share = self._budget()
@@ -489,12 +536,13 @@ class Lifecycle:
         if None in self._alive:
             self._runtime_stage = True
             self._cmds.append(TerminateRuntime())
+            self._mark(now, mark.SIGNAL, None, signal="SIGTERM")
             self._cmds.append(ArmTimer(Timer.RUNTIME_SHUTDOWN, now + runtime_share))
         else:
-            self._send_shutdown_events()
+            self._send_shutdown_events(now)
             self._advance_shutdown(now)
 
-    def _send_shutdown_events(self) -> None:
+    def _send_shutdown_events(self, now: float) -> None:
         self._runtime_stage = False
         event = {
             "eventType": "SHUTDOWN",
@@ -504,14 +552,14 @@ class Lifecycle:
         for extension in self.registry.subscribed("SHUTDOWN"):
             if extension.name in self._alive:
                 extension.pending.clear()
-                self._send(extension.identifier, event)
+                self._send(extension.identifier, event, now)
 
     def _advance_shutdown(self, now: float) -> None:
         if self._runtime_stage:
             if None in self._alive:
                 return
             self._cmds.append(CancelTimer(Timer.RUNTIME_SHUTDOWN))
-            self._send_shutdown_events()
+            self._send_shutdown_events(now)
         waiting_for = [ext for ext in self.registry.subscribed("SHUTDOWN") if ext.name in self._alive]
         if not waiting_for:
             self._finish_shutdown(now)
@@ -519,6 +567,7 @@ class Lifecycle:
     def _on_shutdown_deadline(self, fact: DeadlinePassed, now: float) -> None:
         if fact.timer is Timer.RUNTIME_SHUTDOWN and self._runtime_stage:
             self._cmds.append(Kill(None))
+            self._mark(now, mark.SIGNAL, None, signal="SIGKILL")
             self._alive.discard(None)
             self._advance_shutdown(now)
         elif fact.timer is Timer.SHUTDOWN:
@@ -527,17 +576,21 @@ class Lifecycle:
     def _on_extension_next_shutdown(self, fact: ExtensionRequestedNext, now: float) -> None:
         extension = self.registry.get(fact.identifier)
         extension.state = ExtensionState.WAITING
-        self._deliver_pending(extension.identifier)
+        self._mark(now, mark.NEXT, extension.name, phase="shutdown")
+        self._deliver_pending(extension.identifier, now)
 
     def _finish_shutdown(self, now: float) -> None:
         for timer in (Timer.SHUTDOWN, Timer.RUNTIME_SHUTDOWN):
             self._cmds.append(CancelTimer(timer))
         self._cmds.append(KillAll())
+        for name in sorted(self._alive, key=lambda n: (n is not None, n or "")):  # the runtime first
+            self._mark(now, mark.SIGNAL, name, signal="SIGKILL")
         self._alive.clear()
         self._runtime_waiting = False
         self._runtime_stage = False
         self.registry = ExtensionRegistry(self.settings.extensions)
         self.phase = Phase.UNINITIALIZED if self._reset else Phase.GONE
+        self._mark_phase(now, mark.SHUTDOWN_END, reason=self._shutdown_reason, reset=self._reset)
         self._cmds.append(FinishShutdown(self._shutdown_reason, reset=self._reset))
         if self._reset and self._pending is not None:
             self._begin_init(now, self._init_type)
