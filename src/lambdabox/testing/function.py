@@ -1,0 +1,377 @@
+"""A function's live environment behind a synchronous facade: its event loop runs in a thread the facade owns,
+and every call into it, every wait and the shutdown have a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lambdabox.core import facts as f
+from lambdabox.core.lifecycle import INIT_TIMEOUT_S
+from lambdabox.core.model import FunctionConfig, LambdaFailure, Outcome, Response
+from lambdabox.environment import (
+    SHUTDOWN_SLACK_S,
+    Environment,
+    InvokeResult,
+    Options,
+    Report,
+    TelemetryEvent,
+    open_environment,
+)
+
+START_TIMEOUT_S = 120.0  # staging, isolation, and the first use of a runtime, which installs its client
+SHUTDOWN_TIMEOUT_S = 30.0  # Lambda's shutdown budget is 2 s; the rest is for reaping
+LAST_LINES = 15  # log lines shown in failure messages
+LOG_TYPES = ("function", "extension")
+EXTENSION_STATES = ("Started", "Ready", "Waiting", "INVOKE", "SHUTDOWN", "Exited", "Killed")
+"""Started: its process was launched. Ready: it registered (``detail``: its events). Waiting: it called /event/next,
+done with the event before (``detail``: the phase). INVOKE, SHUTDOWN: it was handed that event. Exited: its process
+ended by itself (``detail``: how). Killed: it was still running when the environment was shut down or reset."""
+T = TypeVar("T")
+
+
+class WaitTimedOut(AssertionError):
+    """A wait or a call did not end within its deadline; the message says what was seen meanwhile."""
+
+
+@dataclass(frozen=True)
+class ExtensionEvent:
+    """A step of an extension's lifecycle (see EXTENSION_STATES), from the event that tells of it."""
+
+    time: float
+    name: str
+    state: str
+    record: Mapping[str, Any]  # the platform.extension or lambdabox.* record
+    detail: str = ""
+
+    @property
+    def request_id(self) -> str | None:
+        return self.record.get("requestId")
+
+
+def extension_step(event: TelemetryEvent) -> ExtensionEvent | None:
+    """The extension step an event tells of: platform.extension (Ready), and the lifecycle's lambdabox.* marks."""
+    record = event.record
+    if not isinstance(record, Mapping):
+        return None
+    if event.type == "platform.extension":
+        events = ", ".join(record.get("events", ()))
+        return ExtensionEvent(event.time, str(record.get("name")), "Ready", record, events)
+    if record.get("process") != "extension":
+        return None
+    match event.type:
+        case f.PROCESS_START:
+            state, detail = "Started", ""
+        case f.NEXT:
+            state, detail = "Waiting", str(record.get("phase", ""))
+        case f.EVENT_DELIVERED:
+            state, detail = str(record.get("eventType")), str(record.get("requestId", ""))
+        case f.PROCESS_EXIT:
+            state, detail = "Exited", str(record.get("description", ""))
+        case f.SIGNAL if record.get("signal") == "SIGKILL":
+            state, detail = "Killed", ""
+        case _:
+            return None
+    return ExtensionEvent(event.time, str(record.get("name")), state, record, detail)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """One invoke's outcome and REPORT, and the events produced while it ran (Init's too, for a cold start)."""
+
+    request_id: str
+    outcome: Outcome
+    report: Report
+    events: tuple[TelemetryEvent, ...]
+
+    @property
+    def ok(self) -> bool:
+        return isinstance(self.outcome, Response)
+
+    @property
+    def payload(self) -> bytes:
+        """What the caller receives: the response, or the error object."""
+        if isinstance(self.outcome, LambdaFailure):
+            return json.dumps({"errorType": self.outcome.error_type, "errorMessage": self.outcome.message}).encode()
+        return self.outcome.body
+
+    @property
+    def response(self) -> Any:
+        """The payload decoded: JSON when it is JSON, else text, else bytes."""
+        try:
+            return json.loads(self.payload)
+        except ValueError:
+            pass
+        try:
+            return self.payload.decode()
+        except UnicodeDecodeError:
+            return self.payload
+
+    @property
+    def error_type(self) -> str | None:
+        return None if isinstance(self.outcome, Response) else self.outcome.error_type
+
+    @property
+    def error_message(self) -> str | None:
+        error = None if self.ok else self.response
+        return str(error.get("errorMessage", "")) if isinstance(error, dict) else None
+
+    @property
+    def logs(self) -> list[str]:
+        return log_lines(self.events)
+
+
+class PendingInvocation:
+    """An invoke under way (:meth:`LambdaFunction.start_invoke`)."""
+
+    def __init__(
+        self, function: LambdaFunction, future: concurrent.futures.Future[tuple[InvokeResult, int]], first: int
+    ) -> None:
+        self._function, self._future, self._first = function, future, first
+        self._deadline = INIT_TIMEOUT_S + function.config.timeout_s + SHUTDOWN_SLACK_S + 5.0
+        self._result: Invocation | None = None
+
+    def result(self, timeout: float | None = None) -> Invocation:
+        """Wait until the invoke phase is over; by default as long as Lambda's own limits allow, and a little more."""
+        if self._result is None:
+            raw, last = self._function._bounded(self._future, timeout or self._deadline, "the invoke")
+            events = tuple(self._function.events[self._first : last])
+            self._result = Invocation(raw.request_id, raw.outcome, raw.report, events)
+        return self._result
+
+
+class LambdaFunction:
+    """A function's live environment. Build it with function_from_code or function_from_template."""
+
+    def __init__(
+        self,
+        config: FunctionConfig,
+        options: Options | None = None,
+        *,
+        start_timeout: float = START_TIMEOUT_S,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._cond = threading.Condition()
+        self._events: list[TelemetryEvent] = []
+        self._cleanup = cleanup
+        self._stopping = self._closed = False
+        self._stop = asyncio.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name=f"lambdabox-{config.logical_id}", daemon=True)
+        self._thread.start()
+        ready: concurrent.futures.Future[Environment] = concurrent.futures.Future()
+        self._owner = asyncio.run_coroutine_threadsafe(self._own(options or Options(), ready), self._loop)
+        try:
+            self._env = self._bounded(ready, start_timeout, "the environment's start")
+        except BaseException:
+            self._owner.cancel()
+            self._finish(start_timeout)
+            raise
+
+    def __enter__(self) -> LambdaFunction:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._stopping else "running"
+        return f"<LambdaFunction {self.config.logical_id} ({self.config.runtime}), {state}>"
+
+    # ---- invoking -------------------------------------------------------------------------------------------------
+
+    def invoke(self, event: Any = None, *, payload: bytes | None = None, timeout: float | None = None) -> Invocation:
+        """Invoke with ``event`` as JSON (default ``{}``) or a raw ``payload``; returns when the invoke phase is over
+        (the runtime and every extension are done)."""
+        return self.start_invoke(event, payload=payload).result(timeout)
+
+    def start_invoke(
+        self, event: Any = None, *, payload: bytes | None = None, client_context: str | None = None
+    ) -> PendingInvocation:
+        """Start an invoke and return at once, to look at what happens during it."""
+        if self._stopping:
+            raise RuntimeError(f"{self!r}: cannot be invoked")
+        body = payload if payload is not None else json.dumps({} if event is None else event).encode()
+        first = len(self.events)
+        coroutine = self._invoke(body, client_context)
+        return PendingInvocation(self, asyncio.run_coroutine_threadsafe(coroutine, self._loop), first)
+
+    def initialize(self, timeout: float = INIT_TIMEOUT_S + SHUTDOWN_SLACK_S) -> TelemetryEvent:
+        """Run Init ahead of the first invoke, as provisioned concurrency does; returns its platform.initReport."""
+        self._bounded(asyncio.run_coroutine_threadsafe(self._env.initialize(), self._loop), timeout, "initialize")
+        return self.wait_for_event("platform.initReport", timeout=timeout)
+
+    # ---- what the environment produced ------------------------------------------------------------------------
+
+    @property
+    def events(self) -> list[TelemetryEvent]:
+        """Every event so far, in order: ``platform.*`` events, ``function`` and ``extension`` log lines, and the
+        lifecycle's own ``lambdabox.*`` marks."""
+        with self._cond:
+            return list(self._events)
+
+    def logs(self, source: str | None = None) -> list[str]:
+        """Log lines; ``source`` is "runtime" (the function), an extension's name, or "lambdabox"."""
+        return log_lines(self.events, source)
+
+    def platform(self, event_type: str) -> list[Any]:
+        """The records of one platform event type, named "report" or "platform.report"."""
+        wanted = event_type if event_type.startswith("platform.") else f"platform.{event_type}"
+        return [e.record for e in self.events if e.type == wanted]
+
+    def extension_events(self, name: str | None = None) -> list[ExtensionEvent]:
+        """The steps each extension (or the one named) went through, in order."""
+        steps = (extension_step(event) for event in self.events)
+        return [step for step in steps if step is not None and name in (None, step.name)]
+
+    # ---- waiting --------------------------------------------------------------------------------------------------
+
+    def wait_for_event(
+        self,
+        event_type: str,
+        predicate: Callable[[TelemetryEvent], bool] | None = None,
+        *,
+        timeout: float = 5.0,
+        count: int = 1,
+    ) -> TelemetryEvent:
+        """The ``count``-th event of this type (that ``predicate`` accepts), seen already or within ``timeout``."""
+        what = f"event {event_type!r}" + (" matching the predicate" if predicate else "")
+        return self._wait(lambda e: e.type == event_type and (predicate is None or predicate(e)), count, timeout, what)
+
+    def wait_for_log(self, text: str, source: str | None = None, *, timeout: float = 5.0) -> TelemetryEvent:
+        """The first log line that contains ``text`` (written by ``source``, if given)."""
+        what = f"a log line containing {text!r}" + (f" from {source}" if source else "")
+        return self._wait(
+            lambda e: e.type in LOG_TYPES and text in str(e.record) and source in (None, e.source), 1, timeout, what
+        )
+
+    def wait_for_extension(self, name: str, state: str, *, timeout: float = 5.0, count: int = 1) -> ExtensionEvent:
+        """The ``count``-th time the extension reached ``state``, one of EXTENSION_STATES."""
+        if state not in EXTENSION_STATES:
+            raise ValueError(f"unknown extension state {state!r}; choose one of {', '.join(EXTENSION_STATES)}")
+
+        def reached(event: TelemetryEvent) -> bool:
+            step = extension_step(event)
+            return step is not None and step.name == name and step.state == state
+
+        step = extension_step(self._wait(reached, count, timeout, f"extension {name!r} in state {state}"))
+        assert step is not None
+        return step
+
+    def _wait(self, match: Callable[[TelemetryEvent], bool], count: int, timeout: float, what: str) -> TelemetryEvent:
+        cursor, seen = 0, 0
+
+        def found() -> TelemetryEvent | bool:
+            nonlocal cursor, seen
+            while cursor < len(self._events):
+                cursor += 1
+                if match(self._events[cursor - 1]):
+                    seen += 1
+                    if seen == count:
+                        return self._events[cursor - 1]
+            return self._closed  # True: nothing more will come
+
+        with self._cond:
+            result = self._cond.wait_for(found, timeout)
+        if isinstance(result, bool):
+            why = "the environment has been shut down" if result else f"waited {timeout:g} s"
+            nth = f" (occurrence {count})" if count > 1 else ""
+            raise WaitTimedOut(f"{what}{nth} not seen; {why}\n{self.describe()}")
+        return result
+
+    # ---- shutting down ----------------------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Shut down as Lambda does (SHUTDOWN to the extensions, SIGKILL at the deadline); returns when every process
+        is reaped. Calling it again does nothing."""
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._bounded(self._owner, timeout, "the shutdown")
+        finally:
+            self._finish(timeout)
+
+    def describe(self) -> str:
+        """What failure messages show: the platform events, the extensions' steps, the last log lines."""
+        events = self.events
+        platform = [e.type.removeprefix("platform.") for e in events if e.type.startswith("platform.")]
+        steps = [f"{step.name} {step.state}" for step in self.extension_events()]
+        head = f"function {self.config.logical_id} ({self.config.runtime}): {len(events)} events"
+        rows = [head, f"platform events: {', '.join(platform[-15:]) or 'none'}"]
+        if steps:
+            rows.append(f"extension steps: {', '.join(steps[-15:])}")
+        return "\n".join([*rows, last_lines(events)])
+
+    # ---- the loop thread ------------------------------------------------------------------------------------------
+
+    def _bounded(self, future: concurrent.futures.Future[T], timeout: float, what: str) -> T:
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise WaitTimedOut(f"{what} did not end within {timeout:g} s\n{self.describe()}") from None
+
+    async def _own(self, options: Options, ready: concurrent.futures.Future[Environment]) -> None:
+        """Open the environment, hand it over, keep it open until shutdown: one task enters and exits it."""
+        try:
+            async with open_environment(self.config, options, [self._observe]) as env:
+                try:
+                    ready.set_result(env)
+                except concurrent.futures.InvalidStateError:
+                    return  # the start timed out meanwhile
+                await self._stop.wait()
+        except BaseException as error:
+            if ready.done():
+                raise
+            ready.set_exception(error)
+
+    async def _invoke(self, payload: bytes, client_context: str | None) -> tuple[InvokeResult, int]:
+        """Invoke; with the invoke's result, how many events there were when it ended (its REPORT the last)."""
+        result = await self._env.invoke(payload, client_context=client_context)
+        return result, len(self.events)
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            tasks = asyncio.all_tasks(loop)  # after a start that timed out: let the environment close
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+    def _finish(self, timeout: float) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def _observe(self, event: TelemetryEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+
+def log_lines(events: Iterable[TelemetryEvent], source: str | None = None) -> list[str]:
+    return [str(e.record) for e in events if e.type in LOG_TYPES and source in (None, e.source)]
+
+
+def last_lines(events: Iterable[TelemetryEvent]) -> str:
+    lines = [f"  [{e.source}] " + str(e.record).replace("\n", "\n    ") for e in events if e.type in LOG_TYPES]
+    return "\n".join([f"last log lines ({min(LAST_LINES, len(lines))} of {len(lines)}):", *lines[-LAST_LINES:]])
