@@ -9,7 +9,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -24,6 +26,47 @@ from lambdabox.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings,
 from lambdabox.template import Template, load_template
 from lambdabox.timeline import Timeline, render_html
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+template_option = click.option(
+    "-t",
+    "--template",
+    "template_path",
+    type=click.Path(path_type=Path),
+    default=Path("template.yaml"),
+    show_default=True,
+    help="SAM or CloudFormation template.",
+)
+
+
+def environment_options(command: F) -> F:
+    """The options every command that starts environments shares: freeze, isolation, network, parameters."""
+    options = [
+        click.option(
+            "--freeze/--no-freeze",
+            default=True,
+            show_default=True,
+            help="Freeze the environment's processes between invokes, as Lambda does.",
+        ),
+        click.option(
+            "--isolate/--no-isolate",
+            default=True,
+            show_default=True,
+            help="Use a mount namespace and cgroups where the machine allows it.",
+        ),
+        click.option(
+            "--private-network/--host-network",
+            default=True,
+            show_default=True,
+            help="A network namespace per environment (loopback only, as Lambda's Runtime API at 127.0.0.1:9001), "
+            "or the host's network (reach services on the host; extensions must not share ports).",
+        ),
+        click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lambdabox")
@@ -33,15 +76,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("function", required=False)
-@click.option(
-    "-t",
-    "--template",
-    "template_path",
-    type=click.Path(path_type=Path),
-    default=Path("template.yaml"),
-    show_default=True,
-    help="SAM or CloudFormation template.",
-)
+@template_option
 @click.option("-e", "--event", "event", default=None, help="Event file, or - for stdin. Default: {}.")
 @click.option(
     "--repeat",
@@ -50,26 +85,7 @@ def main() -> None:
     show_default=True,
     help="Invoke N times in the same warm environment.",
 )
-@click.option(
-    "--freeze/--no-freeze",
-    default=True,
-    show_default=True,
-    help="Freeze the environment's processes between invokes, as Lambda does.",
-)
-@click.option(
-    "--isolate/--no-isolate",
-    default=True,
-    show_default=True,
-    help="Use a mount namespace and cgroups where the machine allows it.",
-)
-@click.option(
-    "--private-network/--host-network",
-    default=True,
-    show_default=True,
-    help="A network namespace per environment (loopback only, as Lambda's Runtime API at 127.0.0.1:9001), "
-    "or the host's network (reach services on the host; extensions must not share ports).",
-)
-@click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values.")
+@environment_options
 @click.option(
     "--timeline",
     "timeline_path",
@@ -168,15 +184,7 @@ def _write_timeline(path: Path, timeline: Timeline, function_name: str) -> None:
 
 
 @main.command("start-lambda")
-@click.option(
-    "-t",
-    "--template",
-    "template_path",
-    type=click.Path(path_type=Path),
-    default=Path("template.yaml"),
-    show_default=True,
-    help="SAM or CloudFormation template.",
-)
+@template_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option(
     "-p",
@@ -214,16 +222,7 @@ def _write_timeline(path: Path, timeline: Timeline, function_name: str) -> None:
     show_default=True,
     help="JSON lines file for asynchronous destinations that are not functions of the template (SQS, SNS, ...).",
 )
-@click.option("--freeze/--no-freeze", default=True, show_default=True, help="Freeze idle environments.")
-@click.option("--isolate/--no-isolate", default=True, show_default=True, help="Namespaces and cgroups.")
-@click.option(
-    "--private-network/--host-network",
-    default=True,
-    show_default=True,
-    help="A network namespace per environment (loopback only, as Lambda's Runtime API at 127.0.0.1:9001), "
-    "or the host's network (reach services on the host; extensions must not share ports).",
-)
-@click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values.")
+@environment_options
 def start_lambda(
     template_path: Path,
     host: str,
