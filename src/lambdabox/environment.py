@@ -41,7 +41,7 @@ from lambdabox.sandbox.filesystem import StagedCode, stage_function
 from lambdabox.sandbox.isolation import Isolation, Layout, open_isolation
 from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.processes import OwnedProcess
-from lambdabox.sandbox.runtime import RuntimeCommand, resolve_runtime, runtime_dir_for
+from lambdabox.sandbox.runtime import RuntimeCommand, find_node_ric, resolve_runtime, runtime_dir_for
 
 MIB = 1024 * 1024
 SHUTDOWN_SLACK_S = 5.0  # beyond Lambda's own deadlines, for the machine to reap what it killed
@@ -458,7 +458,9 @@ async def open_environment(
         source = str(config.template or config.code)
         extensions = discover_extensions(env._staged.opt, source)
         (work_dir / "tmp").mkdir(mode=0o1777, exist_ok=True)
-        layout = Layout(env._staged.task, env._staged.opt, work_dir / "tmp", keep=_keep_paths(options.cache_dir))
+        layout = Layout(
+            env._staged.task, env._staged.opt, work_dir / "tmp", keep=_keep_paths(config.runtime, options.cache_dir)
+        )
         env._isolation = await stack.enter_async_context(
             open_isolation(
                 layout,
@@ -539,11 +541,15 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _keep_paths(cache_dir: Path) -> tuple[Path, ...]:
+def _keep_paths(runtime: str, cache_dir: Path) -> tuple[Path, ...]:
     """Host paths the runtime needs inside the environment even if they lie under /tmp (the runtimes' cache,
-    the interpreter, lambdabox's own bootstrap scripts)."""
+    the interpreter, lambdabox's own bootstrap scripts, the Node.js runtime client)."""
     import sys
 
     import lambdabox
 
-    return tuple({cache_dir, Path(sys.prefix), Path(sys.base_prefix), Path(lambdabox.__file__).parent})
+    keep = {cache_dir, Path(sys.prefix), Path(sys.base_prefix), Path(lambdabox.__file__).parent}
+    if runtime.startswith("nodejs"):
+        with contextlib.suppress(ConfigError):  # resolve_runtime says what is missing
+            keep.add(find_node_ric())
+    return tuple(keep)

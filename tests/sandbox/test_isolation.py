@@ -32,7 +32,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def make_layout(root: Path, keep: tuple[Path, ...] = ()) -> Layout:
-    layout = Layout(task=root / "task", opt=root / "opt", tmp=root / "tmp", keep=keep)
+    """A layout whose processes can run this interpreter (kept visible even when it lies under /tmp)."""
+    interpreter = (Path(sys.prefix), Path(sys.base_prefix))
+    layout = Layout(task=root / "task", opt=root / "opt", tmp=root / "tmp", keep=(*interpreter, *keep))
     for d, marker in ((layout.task, "handler.py"), (layout.opt, "layer.txt"), (layout.tmp, "scratch.txt")):
         d.mkdir(parents=True)
         (d / marker).write_text(marker)
