@@ -150,3 +150,38 @@ def test_crashed_subscriber_restarts_the_environment_and_subscribes_again(tmp_pa
     assert sink.types().count("platform.telemetrySubscription") == 2
     assert sink.types().count("platform.initStart") == 2
     assert second.report.init_duration_ms is not None
+
+
+def test_runtime_crash_gives_the_logs_api_a_fault_and_telemetry_a_failure(tmp_path: Path) -> None:
+    async def body(env: Environment, sink: Collector) -> InvokeResult:
+        return await env.invoke(b'{"code": 3}')
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    settings = {"TEL_API": "logs", "TEL_TYPES": "platform"}
+    logs_result, logs_sink = scenario(subscriber_function(tmp_path / "a", "handler.crash", settings), body)
+    assert isinstance(logs_result.outcome, LambdaFailure)
+    (fault,) = [r["record"] for r in logs_sink.records() if r["type"] == "platform.fault"]
+    assert logs_result.request_id in fault and "Runtime.ExitError" in fault and "exit status 3" in fault
+    done = [r["record"] for r in logs_sink.records() if r["type"] == "platform.runtimeDone"]
+    assert [d["status"] for d in done] == ["failure"]
+
+    tel_result, tel_sink = scenario(
+        subscriber_function(tmp_path / "b", "handler.crash", {"TEL_TYPES": "platform"}), body
+    )
+    assert "platform.fault" not in tel_sink.types()
+    (report,) = [r["record"] for r in tel_sink.records() if r["type"] == "platform.report"]
+    assert report["status"] == "failure" and report["errorType"] == "Runtime.ExitError"
+    assert report["requestId"] == tel_result.request_id
+
+
+def test_init_error_records_reach_a_subscriber_that_subscribed_during_that_init(tmp_path: Path) -> None:
+    async def body(env: Environment, sink: Collector) -> list[InvokeResult]:
+        return [await env.invoke(b"{}"), await env.invoke(b"{}")]
+
+    settings = {"TEL_TYPES": "platform"}
+    results, sink = scenario(subscriber_function(tmp_path, "init_error.handler", settings), body)
+    assert all(r.report.status == "error" for r in results)
+    reports = [r["record"] for r in sink.records() if r["type"] == "platform.initReport"]
+    assert [(r["status"], r["errorType"]) for r in reports] == [("error", "RuntimeError")] * 2  # two inits, each seen
+    assert sink.types().count("platform.telemetrySubscription") == 2  # the extension subscribed again

@@ -802,3 +802,17 @@ def test_an_init_ahead_of_demand_is_not_reported_on_the_first_invoke() -> None:
     env.respond()
     commands = env.at(10.5).do(RuntimeRequestedNext())
     assert one(commands, FinishInvoke).init_duration_ms is None
+
+
+def test_a_crash_during_an_invoke_is_a_platform_fault_but_a_timeout_is_not() -> None:
+    env = Env()
+    env.cold_invoke()
+    commands = env.at(0.5).do(ProcessExited(None, 1))
+    (fault,) = [c.record for c in of_type(commands, EmitPlatformEvent) if c.type == "platform.fault"]
+    assert fault == "RequestId: req-1 Error: Runtime exited with error: exit status 1\nRuntime.ExitError"
+    assert_order(commands, "platform.fault", "platform.runtimeDone", "FinishInvoke")
+
+    timed_out = Env()
+    timed_out.cold_invoke()
+    commands = timed_out.at(2.0).do(DeadlinePassed(Timer.INVOKE))
+    assert not [c for c in of_type(commands, EmitPlatformEvent) if c.type == "platform.fault"]

@@ -207,7 +207,7 @@ class Thaw:
 @dataclass(frozen=True)
 class EmitPlatformEvent:
     type: str
-    record: dict[str, Any]
+    record: Any  # a mapping for most events; a string for platform.fault, as Lambda sends it
     at: float
 
 

@@ -428,6 +428,8 @@ class Lifecycle:
         assert invocation is not None
         request_id = invocation.invoke.request_id
         failure = LambdaFailure(failure.error_type, f"RequestId: {request_id} Error: {failure.message}")
+        if status == "failure":  # the Logs API's record of a fault (Telemetry subscribers do not get it)
+            self._cmds.append(EmitPlatformEvent("platform.fault", f"{failure.message}\n{failure.error_type}", now))
         if not invocation.responded:
             invocation.responded = True
             self._cmds.append(Respond(request_id, failure))
