@@ -252,9 +252,13 @@ class Isolation:
         return self.oom_kill_count() > 0
 
     async def freeze(self) -> None:
-        """Freeze every process of the environment (cgroup freezer, else SIGSTOP); bounded wait."""
+        """Freeze every process of the environment (cgroup freezer, else SIGSTOP; bounded wait).
+
+        The cgroup freezer finishes on its own: nothing waits for FROZEN, so a thaw that comes at once (the next
+        invoke) is not held behind it; a THAWED written while the cgroup is still FREEZING undoes it."""
         if self._freezer is not None:
-            return await self._set_freezer("FROZEN")
+            self._write_freezer("FROZEN")
+            return
         self._frozen = True
 
         def all_stopped() -> bool:  # list again each time: they may have forked meanwhile
@@ -288,9 +292,17 @@ class Isolation:
 
     async def _set_freezer(self, state: str) -> None:
         assert self._freezer is not None
+        self._write_freezer(state)
         path = self._freezer / "freezer.state"
-        path.write_text(state)
         await _poll(lambda: path.read_text().strip() == state, f"freezer {state}")
+
+    def _write_freezer(self, state: str) -> None:
+        assert self._freezer is not None
+        fd = os.open(self._freezer / "freezer.state", os.O_WRONLY)
+        try:
+            os.write(fd, state.encode())
+        finally:
+            os.close(fd)
 
     def _sample(self) -> None:
         total = 0
