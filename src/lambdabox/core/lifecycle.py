@@ -27,6 +27,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from lambdabox.core import facts as mark
@@ -606,8 +607,6 @@ def _span(name: str, start: float, end: float) -> dict[str, Any]:
 
 
 def _iso(epoch_s: float) -> str:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -154,6 +154,7 @@ class Isolation:
         self._registered: set[int] = set()
         self._stopped: set[int] = set()  # SIGSTOPped by a degraded freeze
         self._frozen = False
+        self._peak_fd: int | None = None
         self._peak = 0
         self._sampler: asyncio.Task[None] | None = None
 
@@ -233,7 +234,9 @@ class Isolation:
     def peak_memory_bytes(self) -> int:
         """Peak memory of all the environment's processes together since it was made."""
         if self._memory is not None:
-            return int((self._memory / "memory.max_usage_in_bytes").read_text())
+            if self._peak_fd is None:  # read once per invoke: an open descriptor and pread keep it cheap
+                self._peak_fd = os.open(self._memory / "memory.max_usage_in_bytes", os.O_RDONLY)
+            return int(os.pread(self._peak_fd, 32, 0))
         if not self._frozen:
             self._sample()
         return self._peak
@@ -437,6 +440,9 @@ class Isolation:
             await self.kill_all()
         except (SandboxError, OSError) as e:
             problems.append(str(e))
+        if self._peak_fd is not None:
+            os.close(self._peak_fd)
+            self._peak_fd = None
         for cg in self._cgroups():
             try:
                 await _poll(functools.partial(_try_rmdir, cg), f"rmdir {cg}")
