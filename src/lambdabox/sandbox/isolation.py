@@ -155,6 +155,7 @@ class Isolation:
         self._stopped: set[int] = set()  # SIGSTOPped by a degraded freeze
         self._frozen = False
         self._peak_fd: int | None = None
+        self._freezer_fd: int | None = None
         self._peak = 0
         self._sampler: asyncio.Task[None] | None = None
 
@@ -272,7 +273,8 @@ class Isolation:
 
     async def thaw(self) -> None:
         if self._freezer is not None:
-            return await self._set_freezer("THAWED")
+            self._write_freezer("THAWED")  # the kernel thaws the cgroup before the write returns
+            return
         _kill(signal.SIGCONT, self._stopped | set(self.pids()))
         self._stopped.clear()
         self._frozen = False
@@ -301,11 +303,9 @@ class Isolation:
 
     def _write_freezer(self, state: str) -> None:
         assert self._freezer is not None
-        fd = os.open(self._freezer / "freezer.state", os.O_WRONLY)
-        try:
-            os.write(fd, state.encode())
-        finally:
-            os.close(fd)
+        if self._freezer_fd is None:  # written twice per invoke: kept open
+            self._freezer_fd = os.open(self._freezer / "freezer.state", os.O_WRONLY)
+        os.write(self._freezer_fd, state.encode())
 
     def _sample(self) -> None:
         total = 0
@@ -440,9 +440,10 @@ class Isolation:
             await self.kill_all()
         except (SandboxError, OSError) as e:
             problems.append(str(e))
-        if self._peak_fd is not None:
-            os.close(self._peak_fd)
-            self._peak_fd = None
+        for fd in (self._peak_fd, self._freezer_fd):
+            if fd is not None:
+                os.close(fd)
+        self._peak_fd = self._freezer_fd = None
         for cg in self._cgroups():
             try:
                 await _poll(functools.partial(_try_rmdir, cg), f"rmdir {cg}")
