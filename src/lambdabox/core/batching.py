@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from lambdabox.core.telemetry import Buffering
 
@@ -30,8 +30,7 @@ class Backoff:
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry(Generic[T]):
+class _Entry(NamedTuple, Generic[T]):  # a tuple: made once per record, on the hot path
     seq: int
     item: T
     size: int
@@ -84,7 +83,8 @@ class Batcher(Generic[T]):
         """Buffer one produced record; False if the queue is full and it was dropped (and counted)."""
         self.produced += 1
         self._seq += 1
-        if self.buffered >= self.limit_items or self.buffered_bytes + size > self.limit_bytes:
+        buffered = len(self._queue) + len(self._inflight)
+        if buffered >= self.limit_items or self._queued_bytes + self._inflight_bytes + size > self.limit_bytes:
             self.count_dropped(1, size, produced=False)
             return False
         self._queue.append(_Entry(self._seq, item, size, now, False))
