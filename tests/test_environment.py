@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -235,9 +234,7 @@ def test_processes_are_frozen_between_invokes(tmp_path: Path) -> None:
             await env._queue.join()  # the Freeze command queued after the invoke has been carried out
             pids = env._isolation.pids()
             assert len(pids) >= 2  # the runtime and the extension
-            async with asyncio.timeout(5):  # the kernel completes a freeze on its own (FREEZING, then FROZEN)
-                while {_freezer_state(pid) for pid in pids} == {"FREEZING"}:  # noqa: ASYNC110 - no event to await
-                    await asyncio.sleep(0.001)
+            await env._isolation.freeze(wait=True)  # the kernel completes a freeze on its own: wait for FROZEN
             states = [_freezer_state(pid) for pid in pids]
             await env.invoke(b"{}")  # and thawed again for the next invoke
             return states

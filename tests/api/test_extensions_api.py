@@ -57,9 +57,14 @@ def test_register_next_and_errors(tmp_path: Path) -> None:
         assert set(event) == {"eventType", "deadlineMs", "requestId", "invokedFunctionArn", "tracing"}
         async with http.post(f"{base}{RUNTIME}/invocation/{request_id}/response", data=b"1") as resp:
             assert resp.status == 202
+        runtime_done = asyncio.Event()
+        env.observers.append(lambda event: runtime_done.set() if event.type == "platform.runtimeDone" else None)
         runtime_next = asyncio.create_task(http.get(f"{base}{RUNTIME}/invocation/next"))
-        await asyncio.sleep(0)
-        assert not invoking.done() or invoking.result().report is not None
+        async with asyncio.timeout(5):
+            await runtime_done.wait()  # the runtime has asked for its next event...
+        await env._queue.join()
+        assert env.lifecycle.phase.value == "invoke"  # ...but the extension has not: the invoke goes on
+        assert not invoking.done()
         extension_next = asyncio.create_task(http.get(f"{base}{EXTENSION}/event/next", headers=ident))
         result = await invoking  # ends only now that the extension asked for its next event too
         assert result.report.status == "success"

@@ -159,7 +159,7 @@ def test_peak_memory_grows_after_a_child_allocates_50_mb(tmp_path: Path) -> None
 async def _freeze_roundtrip(iso: Isolation, counter: Path, tmp_in_env: str) -> tuple[int, int, int]:
     proc = await spawn(iso, COUNTER.format(tmp=tmp_in_env), [])
     await poll_until(lambda: read_counter(counter) > 5)
-    await iso.freeze()
+    await iso.freeze(wait=True)
     frozen_at = read_counter(counter)
     # Frozen: the counter must not move during a bounded observation window.
     loop = asyncio.get_running_loop()

@@ -255,12 +255,14 @@ class Isolation:
         """Whether the kernel killed something for the memory limit."""
         return self.oom_kill_count() > 0
 
-    async def freeze(self) -> None:
+    async def freeze(self, *, wait: bool = False) -> None:
         """Freeze every process of the environment (cgroup freezer, else SIGSTOP; bounded wait).
 
-        The cgroup freezer finishes on its own: nothing waits for FROZEN, so a thaw that comes at once (the next
-        invoke) is not held behind it; a THAWED written while the cgroup is still FREEZING undoes it."""
+        The cgroup freezer finishes on its own: unless ``wait``, nothing waits for FROZEN, so a thaw that comes
+        at once (the next invoke) is not held behind it; a THAWED written while still FREEZING undoes it."""
         if self._freezer is not None:
+            if wait:
+                return await self._set_freezer("FROZEN")
             self._write_freezer("FROZEN")
             return
         self._frozen = True
