@@ -304,8 +304,6 @@ class Environment:
             case f.FinishShutdown(reset=reset):
                 if not reset:
                     self._gone.set()
-            case f.LogLine(text=text):
-                self._log("lambdabox", text)
 
     async def _start(
         self, name: str | None, argv: list[str], env: dict[str, str], *, telemetry_fd: bool = False

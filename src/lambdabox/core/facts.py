@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lambdabox.core.model import Outcome
@@ -219,14 +219,6 @@ class FinishShutdown:
     reset: bool
 
 
-@dataclass(frozen=True)
-class LogLine:
-    """A line lambdabox writes to the environment's log as Lambda would (e.g. an extension's crash)."""
-
-    text: str
-    at: float = field(default=0.0)
-
-
 Command = (
     StartExtension
     | StartRuntime
@@ -243,7 +235,6 @@ Command = (
     | Thaw
     | EmitPlatformEvent
     | FinishShutdown
-    | LogLine
 )
 
 # ---- lambdabox.* events: the moments a timeline of the lifecycle is drawn from -----------------------------------

@@ -23,7 +23,6 @@ timeline needs: a process started, asked for its next event, was handed one, ans
 from __future__ import annotations
 
 import enum
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -613,10 +612,6 @@ def _iso(epoch_s: float) -> str:
 def billed_ms(duration_ms: float) -> int:
     """Lambda bills in 1 ms steps, rounding up."""
     return max(1, math.ceil(duration_ms))
-
-
-def error_body(error_type: str, message: str) -> bytes:
-    return json.dumps({"errorType": error_type, "errorMessage": message}).encode()
 
 
 P = Phase
