@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import os
 import statistics
 import subprocess
@@ -37,32 +36,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import LogTail, ms
+
 from lambdabox.core.model import FunctionConfig, Response
-from lambdabox.environment import Options, TelemetryEvent, open_environment
+from lambdabox.environment import Options, open_environment
 from lambdabox.sandbox.runtime import resolve_runtime
 
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
 HANDLER = "def handler(e, c):\n    return None\n"
 BUDGET_S = 110.0  # the whole run, so the script always ends by itself
 TARGET_RATIO = 1.5
-
-
-class LogTail:
-    """Observer keeping the last lines the runtime and extensions wrote, to explain a failed invoke."""
-
-    def __init__(self, keep: int = 30) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
-
-    def __call__(self, event: TelemetryEvent) -> None:
-        if event.type in ("function", "extension"):
-            self.lines.append(f"{event.source}: {event.record}")
-
-    def failure(self, outcome: object) -> RuntimeError:
-        return RuntimeError(f"unexpected outcome: {outcome!r}; last output:\n" + "\n".join(self.lines))
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1000.0
 
 
 def load() -> str:

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from common import ms, percentile
 
 PYTHON = sys.executable  # the venv's interpreter: lambdabox, aiohttp, boto3
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -258,17 +259,6 @@ for line in sys.stdin:
     result["times"] = [round(t, 7) for t in result["times"]]
     print(json.dumps(result), flush=True)
 """
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(samples)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1000.0
 
 
 def load() -> str:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from common import percentile
 
 from lambdabox.core.model import FunctionConfig, LayerConfig, Response
 from lambdabox.core.telemetry import TELEMETRY, encode, render
@@ -168,13 +169,6 @@ while True:
         print(json.dumps(result), flush=True)
         sys.exit(0)
 """
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(samples)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
 
 
 def load() -> str:

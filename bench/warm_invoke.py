@@ -47,9 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from common import LogTail, ms, percentile
 
 from lambdabox.core.model import FunctionConfig, LayerConfig, Response
-from lambdabox.environment import Environment, Options, TelemetryEvent, open_environment
+from lambdabox.environment import Environment, Options, open_environment
 
 BASE_PYTHON = getattr(sys, "_base_executable", "") or sys.executable
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -94,17 +95,6 @@ for line in sys.stdin:
 """
 
 
-def percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(samples)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1000.0
-
-
 def describe(samples: list[float]) -> str:
     slow = sum(1 for t in samples if t > 0.001)
     return f"{ms(percentile(samples, 50)):.3f} / {ms(percentile(samples, 99)):.3f} ({len(samples)}; {slow} > 1 ms)"
@@ -113,20 +103,6 @@ def describe(samples: list[float]) -> str:
 def load() -> str:
     """The machine's load average: other work on the machine skews every figure."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-class LogTail:
-    """Observer keeping the last lines the runtime and extensions wrote, to explain a failed invoke."""
-
-    def __init__(self, keep: int = 30) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
-
-    def __call__(self, event: TelemetryEvent) -> None:
-        if event.type in ("function", "extension"):
-            self.lines.append(f"{event.source}: {event.record}")
-
-    def failure(self, outcome: object) -> RuntimeError:
-        return RuntimeError(f"unexpected outcome: {outcome!r}; last output:\n" + "\n".join(self.lines))
 
 
 @dataclass
