@@ -3,10 +3,11 @@ INVOKE and SHUTDOWN events, an extension that keeps the invoke open, crashes and
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
+from core_support import T0, TRACE, of_type, one, platform
 from lambdabox.core.errors import ApiError
 from lambdabox.core.extensions import MAX_EXTENSIONS, ExtensionRegistry, ExtensionState
 from lambdabox.core.facts import (
@@ -14,7 +15,6 @@ from lambdabox.core.facts import (
     DeadlinePassed,
     DeliverExtensionEvent,
     DeliverInvoke,
-    EmitPlatformEvent,
     ExtensionErrorPosted,
     ExtensionRegistered,
     ExtensionRequestedNext,
@@ -37,12 +37,8 @@ from lambdabox.core.facts import (
 from lambdabox.core.lifecycle import Lifecycle, Phase, Settings
 from lambdabox.core.model import LambdaFailure, Response
 
-T0 = 1_700_000_000.0  # epoch seconds; steps are multiples of 1/4 s so every sum is exact in binary
 ARN = "arn:aws:lambda:us-east-1:123456789012:function:fn:live"
-TRACE = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
 BOTH = ("INVOKE", "SHUTDOWN")
-
-C = TypeVar("C")
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
@@ -50,20 +46,6 @@ C = TypeVar("C")
 
 def invoke(request_id: str = "req-1") -> Invoke:
     return Invoke(request_id, b"{}", ARN, TRACE)
-
-
-def of_type(commands: list[Command], kind: type[C]) -> list[C]:
-    return [c for c in commands if isinstance(c, kind)]
-
-
-def one(commands: list[Command], kind: type[C]) -> C:
-    found = of_type(commands, kind)
-    assert len(found) == 1, f"expected one {kind.__name__}, got {found}"
-    return found[0]
-
-
-def platform(commands: list[Command], type_: str) -> list[dict[str, Any]]:
-    return [c.record for c in of_type(commands, EmitPlatformEvent) if c.type == type_]
 
 
 def delivered(commands: list[Command]) -> dict[str, dict[str, Any]]:
