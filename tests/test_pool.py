@@ -4,7 +4,9 @@ warm reuse, reserved and account concurrency (429), keep-alive, provisioned conc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,13 @@ import psutil
 import pytest
 from botocore.exceptions import ClientError
 
-from lambdabox.environment import TelemetryEvent
-from server_support import Served, serving, write_template
-from support import extension_script, run
+from lambdabox.core import facts as mark
+from lambdabox.core.batching import Backoff
+from lambdabox.core.model import LambdaFailure, Response
+from lambdabox.environment import Options, TelemetryEvent
+from lambdabox.pool import Capacity, Pool, Ran
+from server_support import Events, Served, serving, write_template
+from support import extension_script, make_function, run
 
 OCCUPY = """
 Busy:
@@ -207,5 +213,155 @@ def test_extensions_in_concurrent_environments_listen_on_the_same_port(tmp_path:
             assert [p["bound"] for p in ports] == [True] * 3, ports  # 4243 in each environment's own loopback
             assert len({a["environment"] for a in answers}) == 3
             assert {a["extension_pid"] for a in answers} == {p["pid"] for p in ports}  # each reached its own
+
+    run(main())
+
+
+# ---- provisioned concurrency holds its count: a pool on its own, with its problems and backoff at hand ----
+
+
+class Problems:
+    """What a pool reports through ``on_problem``, each with the loop's time; ``wait_for`` waits for a count."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, str]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, text: str) -> None:
+        self.seen.append((asyncio.get_running_loop().time(), text))
+        self._changed.set()
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for _, text in self.seen]
+
+    async def wait_for(self, count: int, within_s: float = 30) -> None:
+        async with asyncio.timeout(within_s):
+            while len(self.seen) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def run_once(pool: Pool, event: Any) -> Ran:
+    pool.reserve()
+    return await pool.run(json.dumps(event).encode(), request_id=str(uuid.uuid4()))
+
+
+def nothing_left_running() -> None:
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert psutil.Process().children(recursive=True) == []
+
+
+def test_a_provisioned_environment_that_crashes_is_replaced_initialised_ahead(tmp_path: Path) -> None:
+    config = dataclasses.replace(make_function(tmp_path, "handler.tmp_write"), provisioned_concurrency=2)
+
+    async def main() -> None:
+        events, problems = Events(), Problems()
+        pool = Pool(config, Capacity(10), observers=[events], on_problem=problems)
+        try:
+            await pool.start()
+            assert pool.provisioned_idle == 2 and problems.seen == []
+            crashed = await run_once(pool, {"crash": True})  # writes /tmp/lambdabox-test-file, then exits
+            outcome = crashed.result.outcome
+            assert isinstance(outcome, LambdaFailure) and outcome.error_type == "Runtime.ExitError"
+            async with asyncio.timeout(20):
+                await pool.wait_provisioned()
+            assert pool.provisioned_idle == pool.idle == pool.environments == 2
+            assert problems.texts == [
+                "lambdabox: Fn: a provisioned environment was lost: Runtime.ExitError; another starts now"
+            ]
+            inits = events.records("platform.initStart")
+            assert [i["initializationType"] for i in inits] == ["provisioned-concurrency"] * 3
+            assert [r["status"] for r in events.records("platform.initReport")] == ["success"] * 3
+
+            ran = await run_once(pool, {})
+            assert isinstance(ran.result.outcome, Response)
+            assert ran.result.report.init_duration_ms is None
+            assert "initDurationMs" not in events.records("platform.report")[-1]["metrics"]
+            assert events.count("platform.initStart") == 3  # no Init during the invoke: initialised ahead
+        finally:
+            await pool.close()
+        nothing_left_running()
+
+    run(main())
+
+
+def test_an_idle_provisioned_environment_whose_runtime_dies_is_replaced(tmp_path: Path) -> None:
+    config = dataclasses.replace(make_function(tmp_path, "handler.ok"), provisioned_concurrency=1)
+
+    async def main() -> None:
+        events, problems = Events(), Problems()
+        unfrozen = Options(freeze=False)  # a frozen process cannot die between invokes (cgroup v1 holds SIGKILL)
+        pool = Pool(config, Capacity(10), options=unfrozen, observers=[events], on_problem=problems)
+        try:
+            await pool.start()
+            processes = psutil.Process().children(recursive=True)
+            runtime = next(p for p in processes if any("python_bootstrap" in part for part in p.cmdline()))
+            runtime.kill()  # between invokes: the environment is reset, its Init lost
+            await events.wait_for(lambda e: e.type == mark.SHUTDOWN_START and e.record["reset"])
+            async with asyncio.timeout(20):
+                await pool.wait_provisioned()
+            assert pool.provisioned_idle == pool.environments == 1
+            assert problems.texts == [
+                "lambdabox: Fn: a provisioned environment was lost: the runtime exited: signal: killed; "
+                "another starts now"
+            ]
+            ran = await run_once(pool, {})
+            assert isinstance(ran.result.outcome, Response)
+            inits = events.records("platform.initStart")
+            assert [i["initializationType"] for i in inits] == ["provisioned-concurrency"] * 2  # none in the invoke
+        finally:
+            await pool.close()
+        nothing_left_running()
+
+    run(main())
+
+
+def test_a_provisioned_function_whose_init_always_fails_retries_with_backoff(tmp_path: Path) -> None:
+    config = dataclasses.replace(make_function(tmp_path, "init_error.handler"), provisioned_concurrency=1)
+    backoff = Backoff(first_s=0.05, cap_s=0.2)
+
+    async def main() -> None:
+        events, problems = Events(), Problems()
+        pool = Pool(config, Capacity(10), observers=[events], on_problem=problems, provisioned_backoff=backoff)
+        try:
+            await pool.start()  # returns once the first attempt has failed
+            assert len(problems.seen) == 1
+            await problems.wait_for(4)
+        finally:
+            async with asyncio.timeout(10):
+                await pool.close()
+        nothing_left_running()
+        delays = [0.05, 0.1, 0.2, 0.2]
+        assert problems.texts[:4] == [
+            "lambdabox: Fn: a provisioned environment did not start: Init failed: RuntimeError; "
+            f"another starts in {delay:g} s"
+            for delay in delays
+        ]
+        times = [at for at, _ in problems.seen]
+        assert all(later - earlier >= delay for earlier, later, delay in zip(times, times[1:4], delays, strict=False))
+        assert pool.environments == 0 and pool.idle == 0
+        attempts = events.records("platform.initStart")
+        assert {a["initializationType"] for a in attempts} == {"provisioned-concurrency"}
+        assert len(problems.seen) <= len(attempts) <= len(problems.seen) + 1  # each failure reported; one at a time
+
+    run(main())
+
+
+def test_close_cancels_a_replacement_that_is_not_due_yet(tmp_path: Path) -> None:
+    config = dataclasses.replace(make_function(tmp_path, "init_error.handler"), provisioned_concurrency=1)
+
+    async def main() -> None:
+        events, problems = Events(), Problems()
+        not_soon = Backoff(first_s=600, cap_s=600)
+        pool = Pool(config, Capacity(10), observers=[events], on_problem=problems, provisioned_backoff=not_soon)
+        await pool.start()
+        assert problems.texts == [
+            "lambdabox: Fn: a provisioned environment did not start: Init failed: RuntimeError; another starts in 600 s"
+        ]
+        async with asyncio.timeout(10):  # far less than the 600 s the replacement would wait
+            await pool.close()
+        nothing_left_running()
+        assert events.count("platform.initStart") == 1 and len(problems.seen) == 1
 
     run(main())

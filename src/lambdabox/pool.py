@@ -1,5 +1,6 @@
 """A function's execution environments: warm reuse (the most recent first), Lambda's concurrency limits, keep-alive
-and provisioned concurrency. Every environment is owned by its pool and shut down (SHUTDOWN ``spindown``) on close.
+and provisioned concurrency (its count held by replacements). Every environment and background task is owned by its
+pool; on close the tasks are cancelled and the environments shut down (SHUTDOWN ``spindown``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from lambdabox.console import format_event
+from lambdabox.core import facts as mark
+from lambdabox.core.batching import Backoff
 from lambdabox.core.errors import ApiError
 from lambdabox.core.lifecycle import INIT_TIMEOUT_S
 from lambdabox.core.model import FunctionConfig, Outcome
+from lambdabox.core.provisioning import REPLACEMENT_BACKOFF, Provisioning, Replace
 from lambdabox.environment import (
     SHUTDOWN_SLACK_S,
     Environment,
@@ -84,19 +89,40 @@ class Ran:
 
 
 class _Watch:
-    """Observes one environment: the log lines of the invoke in progress (the last 4 KB), and Init's end."""
+    """Observes one environment: the log lines of the invoke in progress (the last 4 KB), whether it is initialised,
+    and the last failure seen (why an Init failed, or why the environment was reset, which loses its Init)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_reset: Callable[[], None]) -> None:
         self.lines: deque[bytes] = deque()
         self.size = 0
-        self.initialized = asyncio.Event()
+        self.init_ended = asyncio.Event()  # the first Init succeeded, failed, or was cut short by a reset
+        self.initialized = False  # an Init succeeded and no reset followed
+        self.inits = 0  # successful Inits
+        self.failure: str | None = None
+        self._on_reset = on_reset
 
     def __call__(self, event: TelemetryEvent) -> None:
-        if event.type == "platform.start":
-            self.lines.clear()
-            self.size = 0
-        elif event.type == "platform.initReport":
-            self.initialized.set()
+        record: Any = event.record
+        match event.type:
+            case "platform.start":
+                self.lines.clear()
+                self.size = 0
+            case "platform.initReport":
+                self.initialized = record.get("status") == "success"
+                if self.initialized:
+                    self.inits += 1
+                else:
+                    self.failure = f"Init failed: {record.get('errorType')}"
+                self.init_ended.set()
+            case mark.INVOKE_END if record.get("status") != "success":
+                self.failure = str(record.get("errorType"))
+            case mark.PROCESS_EXIT:
+                self.failure = f"{record.get('name', 'the runtime')} exited: {record.get('description')}"
+            case mark.SHUTDOWN_START if record.get("reset"):
+                self.initialized = False
+                self.failure = self.failure or f"reset ({record.get('reason')})"
+                self.init_ended.set()
+                self._on_reset()
         line = format_event(event)
         if line is None:
             return
@@ -114,11 +140,16 @@ class _Slot:
     """One environment, opened and closed by a task of its own (so that no caller's cancellation tears it)."""
 
     def __init__(
-        self, config: FunctionConfig, options: Options, observers: list[Observer], log_store: LogStore | None = None
+        self,
+        config: FunctionConfig,
+        options: Options,
+        observers: list[Observer],
+        log_store: LogStore | None = None,
+        on_reset: Callable[[_Slot], None] = lambda slot: None,
     ) -> None:
         self.log_store = log_store
         self.provisioned = options.initialization_type == PROVISIONED
-        self.watch = _Watch()
+        self.watch = _Watch(lambda: on_reset(self))
         self.expiry: asyncio.TimerHandle | None = None
         self._env: asyncio.Future[Environment] = asyncio.get_running_loop().create_future()
         self._stop = asyncio.Event()
@@ -167,6 +198,7 @@ class Pool:
         observers: Iterable[Observer] = (),
         on_problem: Callable[[str], None] = lambda text: None,
         log_store: LogStore | None = None,
+        provisioned_backoff: Backoff = REPLACEMENT_BACKOFF,
     ) -> None:
         self.config = config
         self.log_store = log_store  # where each environment's log lines are kept (none: nowhere)
@@ -181,6 +213,9 @@ class Pool:
         self._closing: set[asyncio.Task[BaseException | None]] = set()
         self._closed = False
         self._quiet: list[asyncio.Future[None]] = []  # waiters for the moment no invoke is in flight
+        self._provisioning = Provisioning(provisioned_backoff)
+        self._replacing: set[asyncio.Task[None]] = set()  # provisioned environments due or starting
+        self._provisioned_changed = asyncio.Event()
 
     @property
     def environments(self) -> int:
@@ -190,28 +225,21 @@ class Pool:
     def idle(self) -> int:
         return len(self._idle)
 
+    @property
+    def provisioned_idle(self) -> int:
+        """Provisioned environments initialised and idle."""
+        return sum(1 for slot in self._idle if slot.provisioned and slot.watch.initialized)
+
     async def start(self) -> None:
-        """Start the provisioned environments and wait (bounded by Init's limit) until each has initialised."""
-        count = self.config.provisioned_concurrency or 0
-        options = dataclasses.replace(self.options, initialization_type=PROVISIONED)
-        slots = [self._new_slot(options) for _ in range(count)]
-        self._idle.extend(slots)
+        """Start the provisioned environments and wait (bounded by Init's limit) until each has initialised or failed
+        (one that failed is replaced in the background)."""
+        await asyncio.gather(*(self._provision() for _ in range(self.config.provisioned_concurrency or 0)))
 
-        async def ready(slot: _Slot) -> None:
-            try:
-                env = await slot.environment()
-                await env.initialize()
-                async with asyncio.timeout(INIT_TIMEOUT_S + SHUTDOWN_SLACK_S):
-                    await slot.watch.initialized.wait()
-            except Exception as error:
-                self.on_problem(
-                    f"lambdabox: {self.config.logical_id}: a provisioned environment did not start: {error!r}"
-                )
-                if slot in self._idle:
-                    self._idle.remove(slot)
-                    self._discard(slot)
-
-        await asyncio.gather(*(ready(slot) for slot in slots))
+    async def wait_provisioned(self) -> None:
+        """Wait until every provisioned environment is initialised and idle, with no replacement under way."""
+        while self._replacing or self.provisioned_idle < (self.config.provisioned_concurrency or 0):
+            self._provisioned_changed.clear()
+            await self._provisioned_changed.wait()
 
     def reserve(self) -> None:
         """Take a unit of concurrency for one invoke, or raise Throttled (429) as Lambda does."""
@@ -286,9 +314,9 @@ class Pool:
                 on_outcome=on_outcome,
             )
             return Ran(result, slot.watch.tail())
-        except BaseException:
+        except BaseException as error:
             if slot is not None:  # its state is unknown: no other invoke gets it
-                self._discard(slot)
+                self._discard(slot, f"its invoke failed: {error!r}")
                 slot = None
             raise
         finally:
@@ -306,16 +334,55 @@ class Pool:
         return slot
 
     def _new_slot(self, options: Options) -> _Slot:
-        slot = _Slot(self.config, options, self.observers, self.log_store)
+        slot = _Slot(self.config, options, self.observers, self.log_store, self._reset)
         self._slots.add(slot)
         return slot
 
+    async def _provision(self, at: float | None = None) -> None:
+        """Start a provisioned environment (at ``at`` on the loop's clock), run its Init and park it; or discard it,
+        which replaces it."""
+        if at is not None:
+            await asyncio.sleep(at - asyncio.get_running_loop().time())
+        slot = self._new_slot(dataclasses.replace(self.options, initialization_type=PROVISIONED))
+        failure = await self._initialize(slot)
+        if failure is None:
+            self._provisioning.initialized()
+            self._park(slot)
+        else:
+            self._discard(slot, failure)
+
+    async def _initialize(self, slot: _Slot) -> str | None:
+        """Run Init ahead of any invoke (bounded by Init's limit): None once it succeeded, else why it did not."""
+        limit_s = INIT_TIMEOUT_S + SHUTDOWN_SLACK_S
+        try:
+            env = await slot.environment()
+            await env.initialize()
+            async with asyncio.timeout(limit_s):
+                await slot.watch.init_ended.wait()
+        except TimeoutError:
+            return f"Init did not end within {limit_s:g} s"
+        except Exception as error:
+            return repr(error)
+        return None if slot.watch.initialized else slot.watch.failure
+
+    def _reset(self, slot: _Slot) -> None:
+        """The environment lost its Init (a crash, a timeout): an idle provisioned one is replaced now; one that is
+        busy or starting is seen by ``_park`` or ``_provision``."""
+        if slot.provisioned and slot in self._idle:
+            self._idle.remove(slot)
+            self._discard(slot, slot.watch.failure)
+
     def _park(self, slot: _Slot) -> None:
-        if self._closed:
+        if slot.provisioned and not slot.watch.initialized:  # reset by its invoke: no longer initialised ahead
+            self._discard(slot, slot.watch.failure)
+            return
+        if self._closed or slot not in self._slots:
             self._discard(slot)
             return
         self._idle.append(slot)
-        if not slot.provisioned:
+        if slot.provisioned:
+            self._provisioned_changed.set()
+        else:
             slot.expiry = asyncio.get_running_loop().call_later(self.keep_alive_s, self._expire, slot)
 
     def _expire(self, slot: _Slot) -> None:
@@ -324,11 +391,37 @@ class Pool:
             self._idle.remove(slot)
             self._discard(slot)
 
-    def _discard(self, slot: _Slot) -> None:
+    def _discard(self, slot: _Slot, reason: str | None = None) -> None:
+        """Take the environment out of the pool and shut it down; a provisioned one is replaced unless closing."""
+        if slot not in self._slots:
+            return
         self._slots.discard(slot)
         task = asyncio.create_task(slot.close())
         self._closing.add(task)
         task.add_done_callback(self._closed_one)
+        now = asyncio.get_running_loop().time()
+        replace = self._provisioning.left(now, provisioned=slot.provisioned, initialized=slot.watch.inits > 0)
+        if replace is not None:
+            self._report_left(slot, reason or "discarded", replace)
+            self._replace(replace)
+
+    def _report_left(self, slot: _Slot, reason: str, replace: Replace) -> None:
+        what = "was lost" if slot.watch.inits else "did not start"
+        when = f"in {replace.delay_s:g} s" if replace.delay_s else "now"
+        self.on_problem(
+            f"lambdabox: {self.config.logical_id}: a provisioned environment {what}: {reason}; another starts {when}"
+        )
+
+    def _replace(self, replace: Replace) -> None:
+        task = asyncio.create_task(self._provision(replace.at))
+        self._replacing.add(task)
+        task.add_done_callback(self._replaced)
+
+    def _replaced(self, task: asyncio.Task[None]) -> None:
+        self._replacing.discard(task)
+        self._provisioned_changed.set()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.on_problem(f"lambdabox: {self.config.logical_id}: replacing a provisioned environment: {error!r}")
 
     def _closed_one(self, task: asyncio.Task[BaseException | None]) -> None:
         self._closing.discard(task)
@@ -337,8 +430,14 @@ class Pool:
             self.on_problem(f"lambdabox: {self.config.logical_id}: an environment failed: {error!r}")
 
     async def close(self) -> None:
-        """Shut every environment down, idle or not, concurrently; each within its own deadlines."""
+        """Cancel the replacements under way, shut every environment down, idle or not, concurrently; each within its
+        own deadlines."""
         self._closed = True
+        self._provisioning.close()
+        for task in self._replacing:
+            task.cancel()
+        if self._replacing:
+            await asyncio.wait(set(self._replacing))
         self._idle.clear()
         for slot in list(self._slots):
             self._discard(slot)
