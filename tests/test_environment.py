@@ -231,7 +231,7 @@ def test_processes_are_frozen_between_invokes(tmp_path: Path) -> None:
     async def go() -> list[str]:
         async with open_environment(config) as env:
             await env.invoke(b"{}")
-            await env._queue.join()  # the Freeze command queued after the invoke has been carried out
+            await env.settled()  # the Freeze command given after the invoke has been carried out
             pids = env._isolation.pids()
             assert len(pids) >= 2  # the runtime and the extension
             await env._isolation.freeze(wait=True)  # the kernel completes a freeze on its own: wait for FROZEN

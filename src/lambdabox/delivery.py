@@ -168,6 +168,13 @@ class TelemetryHub:
         self.thawed.clear()
         await asyncio.gather(*(s.wait_idle() for s in self._subscribers.values()))
 
+    def pause_at_once(self) -> bool:
+        """:meth:`pause` when it has nothing to wait for (no subscriber); False (and nothing done) otherwise."""
+        if self._subscribers:
+            return False
+        self.thawed.clear()
+        return True
+
     def resume(self) -> None:
         """After the environment thaws: deliveries go on."""
         self.thawed.set()

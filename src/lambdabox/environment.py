@@ -16,19 +16,17 @@ import socket
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from lambdabox.api import extensions as extensions_api
 from lambdabox.api import logs as logs_api
 from lambdabox.api import runtime as runtime_api
 from lambdabox.api import telemetry as telemetry_api
-from lambdabox.api.render import render_errors
-from lambdabox.api.shell import SHELL
+from lambdabox.api.httpserver import Router, Server
 from lambdabox.core import facts as f
 from lambdabox.core.errors import ApiError, ConfigError
 from lambdabox.core.extensions import MAX_EXTENSIONS
@@ -123,7 +121,11 @@ class Environment:
         )
         self.observers = [self.hub.observe, *observers]
         self._mono0, self._epoch0 = time.monotonic(), time.time()
-        self._queue: asyncio.Queue[f.Command] = asyncio.Queue()
+        self._pending: deque[f.Command] = deque()  # handed out by the core, not yet carried out, in order
+        self._draining = False  # carrying out commands at once, in submit()
+        self._worker_wake = asyncio.Event()  # the worker carries out what must be awaited, and all behind it
+        self._settled = asyncio.Event()  # nothing pending, the worker idle
+        self._settled.set()
         self._procs: dict[str | None, OwnedProcess] = {}
         self._doomed: list[OwnedProcess] = []  # detached by Kill/KillAll, killed and reaped by KillAll
         self._timers: dict[f.Timer, asyncio.TimerHandle] = {}
@@ -153,7 +155,8 @@ class Environment:
     def submit(self, fact: f.Fact) -> None:
         for command in self.lifecycle.handle(fact, self.now()):
             self._detach(command)
-            self._queue.put_nowait(command)
+            self._pending.append(command)
+        self._carry_out()
 
     def _detach(self, command: f.Command) -> None:
         """Processes the core has just given up on leave the table now, not when the command is carried out:
@@ -250,28 +253,83 @@ class Environment:
 
     # ---- carrying out commands --------------------------------------------------------------------------------
 
+    def _carry_out(self) -> None:
+        """Carry out the pending commands in order, at once, up to the first that must be awaited; that one and
+        all behind it go to the worker. (Most of an invoke's commands are immediate: an invoke costs no task
+        switches for them.) Re-entrant calls leave their commands to the loop already running."""
+        if self._draining or not self._settled.is_set():
+            return
+        self._draining = True
+        try:
+            while self._pending:
+                command = self._pending[0]
+                if not self._immediate(command):
+                    self._settled.clear()
+                    self._worker_wake.set()
+                    return
+                self._pending.popleft()
+                try:
+                    self._execute_now(command)
+                except Exception as error:
+                    self._log("lambdabox", f"lambdabox: {type(command).__name__} failed: {error!r}")
+        finally:
+            self._draining = False
+
+    async def settled(self) -> None:
+        """Wait until every command the core has handed out so far has been carried out."""
+        await self._settled.wait()
+
     async def _run_commands(self) -> None:
         while True:
-            command = await self._queue.get()
-            try:
-                await self._execute(command)
-            except Exception as error:
-                self._log("lambdabox", f"lambdabox: {type(command).__name__} failed: {error!r}")
-            finally:
-                self._queue.task_done()
+            await self._worker_wake.wait()
+            self._worker_wake.clear()
+            while self._pending:
+                command = self._pending.popleft()
+                try:
+                    if self._immediate(command):
+                        self._execute_now(command)
+                    else:
+                        await self._execute(command)
+                except Exception as error:
+                    self._log("lambdabox", f"lambdabox: {type(command).__name__} failed: {error!r}")
+            self._settled.set()
+
+    def _immediate(self, command: f.Command) -> bool:
+        """Whether the command is carried out without waiting for anything."""
+        match command:
+            case f.StartExtension() | f.StartRuntime() | f.KillAll():
+                return False
+            case f.DeliverExtensionEvent(event=event):
+                return bool(event["eventType"] != "SHUTDOWN")  # SHUTDOWN waits for the telemetry flush first
+            case f.Freeze():
+                return self.hub.pause_at_once() and self._isolation.freezes_at_once
+        return True
 
     async def _execute(self, command: f.Command) -> None:
+        """Carry out a command that must be awaited (see ``_immediate``)."""
         match command:
             case f.StartExtension(name=name):
                 await self._start(name, [f"{self._isolation.path('/opt/extensions')}/{name}"], self._extension_env())
             case f.StartRuntime(initialization_type=init_type):
                 env = self._function_env(init_type)
                 await self._start(None, list(self._runtime.argv), env, telemetry_fd=self._runtime.telemetry_fd)
+            case f.DeliverExtensionEvent(identifier=identifier, event=event):
+                await self._flush_telemetry(FLUSH_BEFORE_SHUTDOWN_S)
+                _resolve(self._extension_waiters.pop(identifier, None), event)
+            case f.KillAll():
+                await self._kill_all()
+            case f.Freeze():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PAUSE_BEFORE_FREEZE_S):
+                        await self.hub.pause()
+                await self._isolation.freeze()
+
+    def _execute_now(self, command: f.Command) -> None:
+        """Carry out an immediate command (see ``_immediate``)."""
+        match command:
             case f.DeliverInvoke(invoke=invoke, deadline=deadline):
                 _resolve(self._runtime_waiter, (invoke, deadline))
             case f.DeliverExtensionEvent(identifier=identifier, event=event):
-                if event["eventType"] == "SHUTDOWN":
-                    await self._flush_telemetry(FLUSH_BEFORE_SHUTDOWN_S)
                 _resolve(self._extension_waiters.pop(identifier, None), event)
             case f.Respond(request_id=request_id, outcome=outcome):
                 _resolve(self._outcomes.get(request_id), outcome)
@@ -289,15 +347,10 @@ class Environment:
             case f.Kill():
                 for process in self._doomed:
                     process.signal(signal.SIGKILL)
-            case f.KillAll():
-                await self._kill_all()
-            case f.Freeze():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(PAUSE_BEFORE_FREEZE_S):
-                        await self.hub.pause()
-                await self._isolation.freeze()
+            case f.Freeze():  # nothing to pause, and a freeze the kernel completes on its own
+                self._isolation.freeze_at_once()
             case f.Thaw():
-                await self._isolation.thaw()
+                self._isolation.thaw()
                 self.hub.resume()
             case f.EmitPlatformEvent(type=type_, record=record, at=at):
                 self._notify(TelemetryEvent(at, type_, record))
@@ -483,17 +536,17 @@ async def open_environment(
                 config.function_name, config.version, config.timeout_s, extensions, freeze=options.freeze, marks=True
             )
         )
-        app = web.Application(middlewares=[render_errors], client_max_size=runtime_api.MAX_RESPONSE_BYTES * 2)
-        app[SHELL] = env
-        app[telemetry_api.SUBSCRIPTIONS] = env
-        app.add_routes(runtime_api.routes() + extensions_api.routes() + logs_api.routes() + telemetry_api.routes())
+        router = Router()
+        runtime_api.add_routes(router, env)
+        extensions_api.add_routes(router, env)
+        logs_api.add_routes(router, env)
+        telemetry_api.add_routes(router, env)
         if (net := env._isolation.net_namespace) is not None:
             env.netns = stack.enter_context(NetNamespace(net))
             env.hub.socket_factory = env.netns.socket
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await _serve(runner, env)
+        server = Server(router)
+        stack.push_async_callback(server.close)
+        await _serve(server, env)
         env.degraded = env._isolation.degraded
         worker = asyncio.get_running_loop().create_task(env._run_commands())
         stack.push_async_callback(_cancel, worker)
@@ -505,11 +558,10 @@ async def open_environment(
             await _drain(env)
 
 
-async def _serve(runner: web.AppRunner, env: Environment) -> None:
+async def _serve(server: Server, env: Environment) -> None:
     """Serve the APIs on an ephemeral port of the host's loopback (``host_api``), and, given a network namespace,
     inside it at 127.0.0.1:9001 as in Lambda (``runtime_api``); without one, the runtime uses the host's port."""
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
+    host, port = await server.listen("127.0.0.1", 0)
     env._host_api = env._api_address = f"{host}:{port}"
     if env.netns is None:
         env._isolation.api_port = port
@@ -520,7 +572,7 @@ async def _serve(runner: web.AppRunner, env: Environment) -> None:
         listener.bind(RUNTIME_API_ADDRESS)
         listener.listen(128)
         listener.setblocking(False)
-        await web.SockSite(runner, listener).start()  # the site's server owns the socket from here on
+        await server.serve_socket(listener)  # the server owns the socket from here on
     except BaseException:
         listener.close()
         raise
@@ -528,9 +580,9 @@ async def _serve(runner: web.AppRunner, env: Environment) -> None:
 
 
 async def _drain(env: Environment) -> None:
-    """Let the command queue empty (the final KillAll and FinishShutdown), with a deadline."""
+    """Let the pending commands (the final KillAll and FinishShutdown) be carried out, with a deadline."""
     async with asyncio.timeout(SHUTDOWN_SLACK_S):
-        await env._queue.join()
+        await env.settled()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

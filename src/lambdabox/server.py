@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from aiohttp import web
-
 from lambdabox.api import invoke as invoke_api
-from lambdabox.api.invoke import INVOKER, Answer, function_name, render_service_errors
+from lambdabox.api.httpserver import Router
+from lambdabox.api.httpserver import Server as HttpServer
+from lambdabox.api.invoke import Answer, function_name
 from lambdabox.asyncinvoke import EventQueue
 from lambdabox.core.lifecycle import INIT_TIMEOUT_S
 from lambdabox.core.model import FunctionConfig, Outcome
@@ -222,19 +222,15 @@ async def open_server(
     environment down as Lambda does (SHUTDOWN ``spindown``).
     """
     server = Server(template, settings or ServerSettings(), observers, report)
-    app = web.Application(middlewares=[render_service_errors])
-    app[INVOKER] = server
-    app.add_routes(invoke_api.routes())
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=server.longest_invoke_s)
-    await runner.setup()
+    router = Router()
+    invoke_api.add_routes(router, server)
+    http = HttpServer(router)
     try:
         await server.start()
-        await web.TCPSite(runner, host, port).start()
-        address = runner.addresses[0]
-        server.address = (str(address[0]), int(address[1]))
+        server.address = await http.listen(host, port)
         yield server
     finally:
         for queue in server.queues.values():
             queue.stop()
-        await runner.cleanup()  # no new connections; the requests in flight are answered (bounded)
+        await http.close(server.longest_invoke_s)  # no new connections; the requests in flight are answered
         await server.close()

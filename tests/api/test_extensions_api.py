@@ -62,7 +62,7 @@ def test_register_next_and_errors(tmp_path: Path) -> None:
         runtime_next = asyncio.create_task(http.get(f"{base}{RUNTIME}/invocation/next"))
         async with asyncio.timeout(5):
             await runtime_done.wait()  # the runtime has asked for its next event...
-        await env._queue.join()
+        await env.settled()
         assert env.lifecycle.phase.value == "invoke"  # ...but the extension has not: the invoke goes on
         assert not invoking.done()
         extension_next = asyncio.create_task(http.get(f"{base}{EXTENSION}/event/next", headers=ident))

@@ -8,13 +8,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+import aiohttp
 
 from lambdabox.api import logs as logs_api
 from lambdabox.api import telemetry as telemetry_api
-from lambdabox.api.render import render_errors
-from lambdabox.api.telemetry import SUBSCRIPTIONS
+from lambdabox.api.httpserver import Router, Server
 from lambdabox.core.errors import ApiError
 from lambdabox.core.telemetry import Subscription
 from lambdabox.delivery import TelemetryHub
@@ -52,20 +50,23 @@ class Shell:
 
 
 @contextlib.asynccontextmanager
-async def open_client() -> AsyncIterator[tuple[TestClient[web.Request, web.Application], Shell]]:
+async def open_client() -> AsyncIterator[tuple[aiohttp.ClientSession, Shell]]:
     hub = TelemetryHub()
     shell = Shell(hub)
-    app = web.Application(middlewares=[render_errors])
-    app[SUBSCRIPTIONS] = shell
-    app.add_routes(logs_api.routes() + telemetry_api.routes())
+    router = Router()
+    logs_api.add_routes(router, shell)
+    telemetry_api.add_routes(router, shell)
+    server = Server(router)
+    host, port = await server.listen("127.0.0.1", 0)
     try:
-        async with TestClient(TestServer(app)) as client:
+        async with aiohttp.ClientSession(f"http://{host}:{port}") as client:
             yield client, shell
     finally:
+        await server.close()
         await hub.close()
 
 
-async def put(client: TestClient[web.Request, web.Application], path: str, body: Any, **headers: str) -> Any:
+async def put(client: aiohttp.ClientSession, path: str, body: Any, **headers: str) -> Any:
     headers.setdefault("Lambda-Extension-Identifier", ID)
     payload: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
     async with client.put(path, headers=headers, **payload) as response:
@@ -76,7 +77,7 @@ def test_telemetry_subscription_answers_200_ok() -> None:
     async def scenario() -> None:
         async with open_client() as (client, shell):
             body = {"schemaVersion": "2022-12-13", "types": ["platform"], "destination": DESTINATION}
-            assert await put(client, TELEMETRY, body) == (200, "application/json; charset=utf-8", "OK")
+            assert await put(client, TELEMETRY, body) == (200, "application/json", "OK")
             assert [(e.type, e.record) for e in shell.emitted] == [
                 ("platform.telemetrySubscription", {"name": "my-ext", "state": "Subscribed", "types": ["platform"]})
             ]
@@ -118,7 +119,7 @@ def test_validation_errors_have_each_apis_error_type() -> None:
             }
             assert await put(client, TELEMETRY, bad) == (
                 400,
-                "application/json; charset=utf-8",
+                "application/json",
                 {"errorMessage": "types should not be empty; URI port is not provided", "errorType": "ValidationError"},
             )
             status, _, error = await put(client, LOGS, {**bad, "schemaVersion": "2020-08-15"})
@@ -140,7 +141,7 @@ def test_subscribing_after_init_is_refused() -> None:
             body = {"schemaVersion": "2025-01-29", "types": ["function"], "destination": DESTINATION}
             assert await put(client, TELEMETRY, body) == (
                 403,
-                "application/json; charset=utf-8",
+                "application/json",
                 {
                     "errorMessage": "Telemetry API subscription is closed already",
                     "errorType": "Telemetry.SubscriptionClosed",

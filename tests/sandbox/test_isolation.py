@@ -168,7 +168,7 @@ async def _freeze_roundtrip(iso: Isolation, counter: Path, tmp_in_env: str) -> t
         assert read_counter(counter) == frozen_at
         await asyncio.sleep(0.01)
     still = read_counter(counter)
-    await iso.thaw()
+    iso.thaw()
     await poll_until(lambda: read_counter(counter) > still + 5)
     resumed = read_counter(counter)
     await proc.stop(1)

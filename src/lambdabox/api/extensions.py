@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
-from aiohttp import web
-
-from lambdabox.api.render import read_json
-from lambdabox.api.shell import SHELL
+from lambdabox.api.httpserver import Request, Response, Router, json_response, read_json
+from lambdabox.api.shell import Shell
 from lambdabox.core.errors import ApiError
 from lambdabox.core.facts import ExtensionErrorPosted, ExtensionRegistered, ExtensionRequestedNext
 
@@ -19,43 +18,34 @@ ACCEPT_FEATURE = "Lambda-Extension-Accept-Feature"
 ERROR_TYPE = "Lambda-Extension-Function-Error-Type"
 
 
-async def register(request: web.Request) -> web.Response:
-    shell = request.app[SHELL]
-    events = _events(await read_json(request, "InvalidRequestFormat"))
+async def register(shell: Shell, request: Request) -> Response:
+    events = _events(read_json(request, "InvalidRequestFormat"))
     identifier = str(uuid.uuid4())
-    shell.submit(ExtensionRegistered(request.headers.get(NAME, ""), events, identifier))
+    shell.submit(ExtensionRegistered(request.header(NAME) or "", events, identifier))
     config = shell.config
     body: dict[str, Any] = {"functionName": config.function_name, "functionVersion": config.version}
     body["handler"] = config.handler
-    features = {f.strip() for f in request.headers.get(ACCEPT_FEATURE, "").split(",")}
+    features = {f.strip() for f in (request.header(ACCEPT_FEATURE) or "").split(",")}
     if "accountId" in features:
         body["accountId"] = config.account_id
-    return web.json_response(body, headers={IDENTIFIER: identifier})
+    return json_response(body, headers={IDENTIFIER: identifier})
 
 
-async def next_event(request: web.Request) -> web.Response:
-    identifier = request.headers.get(IDENTIFIER)
-    event = await request.app[SHELL].extension_next(ExtensionRequestedNext(identifier))
-    return web.json_response(event, headers={IDENTIFIER: identifier or ""})
+async def next_event(shell: Shell, request: Request) -> Response:
+    identifier = request.header(IDENTIFIER)
+    event = await shell.extension_next(ExtensionRequestedNext(identifier))
+    return json_response(event, headers={IDENTIFIER: identifier or ""})
 
 
-async def init_error(request: web.Request) -> web.Response:
-    return await _post_error(request, "init")
-
-
-async def exit_error(request: web.Request) -> web.Response:
-    return await _post_error(request, "exit")
-
-
-async def _post_error(request: web.Request, phase: str) -> web.Response:
-    error_type = request.headers.get(ERROR_TYPE)
+async def post_error(phase: str, shell: Shell, request: Request) -> Response:
+    """``/init/error`` and ``/exit/error``."""
+    error_type = request.header(ERROR_TYPE)
     if not error_type:
         raise ApiError(400, "InvalidRequestFormat", f"{ERROR_TYPE} header is required")
-    body = await read_json(request, "InvalidRequestFormat")
+    body = read_json(request, "InvalidRequestFormat")
     message = body.get("errorMessage", "") if isinstance(body, dict) else ""
-    fact = ExtensionErrorPosted(request.headers.get(IDENTIFIER), error_type, phase, str(message))
-    request.app[SHELL].submit(fact)
-    return web.json_response({"status": "OK"}, status=202)
+    shell.submit(ExtensionErrorPosted(request.header(IDENTIFIER), error_type, phase, str(message)))
+    return json_response({"status": "OK"}, status=202)
 
 
 def _events(body: object) -> tuple[str, ...]:
@@ -65,10 +55,8 @@ def _events(body: object) -> tuple[str, ...]:
     return tuple(events)
 
 
-def routes() -> list[web.RouteDef]:
-    return [
-        web.post(f"{PREFIX}/register", register),
-        web.get(f"{PREFIX}/event/next", next_event),
-        web.post(f"{PREFIX}/init/error", init_error),
-        web.post(f"{PREFIX}/exit/error", exit_error),
-    ]
+def add_routes(router: Router, shell: Shell) -> None:
+    router.add("POST", f"{PREFIX}/register", functools.partial(register, shell))
+    router.add("GET", f"{PREFIX}/event/next", functools.partial(next_event, shell))
+    router.add("POST", f"{PREFIX}/init/error", functools.partial(post_error, "init", shell))
+    router.add("POST", f"{PREFIX}/exit/error", functools.partial(post_error, "exit", shell))

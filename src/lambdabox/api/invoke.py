@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import web
-
-from lambdabox.api.render import Handler
+from lambdabox.api.httpserver import Request, Router, json_response
+from lambdabox.api.httpserver import Response as HttpResponse
 from lambdabox.core.errors import ApiError, LambdaboxError
 from lambdabox.core.model import (
     DEFAULT_ACCOUNT_ID,
@@ -94,9 +94,6 @@ class Invoker(Protocol):
         """Tell the operator about a problem that the caller only sees as a ServiceException."""
 
 
-INVOKER = web.AppKey("invoker", Invoker)
-
-
 @dataclass(frozen=True)
 class Call:
     """A validated Invoke request, before its payload is read."""
@@ -108,25 +105,22 @@ class Call:
     client_context: str | None
 
 
-async def invoke(request: web.Request) -> web.StreamResponse:
-    invoker = request.app[INVOKER]
+async def invoke(invoker: Invoker, request: Request) -> HttpResponse:
     call = validate(request, invoker)
-    payload = await read_payload(
-        request, EVENT_PAYLOAD_LIMIT if call.invocation_type == "Event" else SYNC_PAYLOAD_LIMIT
-    )
+    payload = read_payload(request, EVENT_PAYLOAD_LIMIT if call.invocation_type == "Event" else SYNC_PAYLOAD_LIMIT)
     if call.invocation_type == "DryRun":
-        return web.Response(status=204, headers={REQUEST_ID: str(uuid.uuid4())})
+        return HttpResponse(204, headers={REQUEST_ID: str(uuid.uuid4())})
     if call.invocation_type == "Event":
-        return web.Response(status=202, headers={REQUEST_ID: invoker.enqueue(call.config, payload)})
+        return HttpResponse(202, headers={REQUEST_ID: invoker.enqueue(call.config, payload)})
     answer = await invoker.invoke(
         call.config, payload, client_context=call.client_context, invoked_arn=call.invoked_arn, tail=call.tail
     )
     return render_answer(answer)
 
 
-def validate(request: web.Request, invoker: Invoker) -> Call:
+def validate(request: Request, invoker: Invoker) -> Call:
     """The function (404 if none), the qualifier, and the invocation headers (400 if bad)."""
-    text = request.match_info["name"]
+    text = request.params["name"]
     parsed = function_name(text)
     if parsed is None:
         raise ApiError(400, "ValidationException", f"1 validation error detected: Value '{text}' at 'functionName' "
@@ -141,13 +135,13 @@ def validate(request: web.Request, invoker: Invoker) -> Call:
     suffix = f":{qualifier}" if qualifier else ""
     if config is None or not parsed.matches(config) or (qualifier is not None and not _alias_or_latest(qualifier)):
         raise ApiError(404, "ResourceNotFoundException", f"Function not found: {parsed.arn()}{suffix}")
-    kind = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+    kind = request.header("X-Amz-Invocation-Type") or "RequestResponse"
     if kind not in INVOCATION_TYPES:
         raise _invalid("X-Amz-Invocation-Type", kind, INVOCATION_TYPES)
-    log_type = request.headers.get("X-Amz-Log-Type", "None")
+    log_type = request.header("X-Amz-Log-Type") or "None"
     if log_type not in LOG_TYPES:
         raise _invalid("X-Amz-Log-Type", log_type, LOG_TYPES)
-    context = client_context(request.headers.get("X-Amz-Client-Context"))
+    context = client_context(request.header("X-Amz-Client-Context"))
     sync = kind == "RequestResponse"  # Lambda passes the client context, and tails the log, for these only
     return Call(config, config.arn + suffix, kind, sync and log_type == "Tail", context if sync else None)
 
@@ -169,15 +163,10 @@ def client_context(header: str | None) -> str | None:
     return json.dumps(value, separators=(",", ":"))
 
 
-async def read_payload(request: web.Request, limit: int) -> bytes:
-    """The body, read with a limit (413 beyond it), checked to be JSON (400); an empty body is ``{}``."""
-    body = bytearray()
-    if (request.content_length or 0) <= limit:
-        async for chunk in request.content.iter_chunked(1 << 16):
-            body += chunk
-            if len(body) > limit:
-                break
-    if len(body) > limit or (request.content_length or 0) > limit:
+def read_payload(request: Request, limit: int) -> bytes:
+    """The body within its limit (413 beyond it), checked to be JSON (400); an empty body is ``{}``."""
+    body = request.body
+    if request.oversize or len(body) > limit:
         message = f"Request must be smaller than {limit} bytes for the Invoke operation"
         raise ApiError(413, "RequestTooLargeException", message)
     if not body.strip():
@@ -188,50 +177,48 @@ async def read_payload(request: web.Request, limit: int) -> bytes:
         raise ApiError(
             400, "InvalidRequestContentException", f"Could not parse request body into json: {error}"
         ) from None
-    return bytes(body)
+    return body
 
 
-def render_answer(answer: Answer) -> web.Response:
+def render_answer(answer: Answer) -> HttpResponse:
     headers = {REQUEST_ID: answer.request_id, "X-Amz-Executed-Version": LATEST}
     if answer.log_result is not None:
         headers["X-Amz-Log-Result"] = answer.log_result
     match answer.outcome:
         case Response(body=body, content_type=content_type):
-            return web.Response(body=body, headers={**headers, "Content-Type": content_type})
+            return HttpResponse(200, body, headers, content_type)
         case FunctionFailure(body=body):
             headers["X-Amz-Function-Error"] = "Unhandled"
-            return web.Response(body=body, headers={**headers, "Content-Type": "application/json"})
+            return HttpResponse(200, body, headers)
         case LambdaFailure(error_type=error_type, message=message):
             headers["X-Amz-Function-Error"] = "Unhandled"
-            return web.json_response({"errorType": error_type, "errorMessage": message}, headers=headers)
+            return json_response({"errorType": error_type, "errorMessage": message}, headers=headers)
 
 
-def service_error(error: ApiError) -> web.Response:
+def service_error(error: ApiError) -> HttpResponse:
     """A refusal as the SDKs parse it: the type in ``x-amzn-ErrorType``, ``{"Type", "message"[, "Reason"]}``."""
     body = {"Type": "Service" if error.status >= 500 else "User", "message": error.message}
     if (reason := getattr(error, "reason", None)) is not None:
         body["Reason"] = reason
     headers = {"x-amzn-ErrorType": error.error_type, REQUEST_ID: str(uuid.uuid4())}
-    return web.json_response(body, status=error.status, headers=headers)
+    return json_response(body, error.status, headers)
 
 
-@web.middleware
-async def render_service_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def answer(invoker: Invoker, request: Request) -> HttpResponse:
+    """``invoke``, with every refusal and failure rendered as a service error."""
     try:
-        return await handler(request)
+        return await invoke(invoker, request)
     except ApiError as error:
         return service_error(error)
-    except web.HTTPException:
-        raise
     except LambdaboxError as error:  # e.g. a layer refused when an environment starts (the pool reported it)
         return service_error(ApiError(500, "ServiceException", str(error)))
     except Exception as error:
-        request.app[INVOKER].report(f"lambdabox: the Invoke API failed: {error!r}")
+        invoker.report(f"lambdabox: the Invoke API failed: {error!r}")
         return service_error(ApiError(500, "ServiceException", f"lambdabox failed: {error!r}"))
 
 
-def routes() -> list[web.RouteDef]:
-    return [web.post(PATH, invoke)]
+def add_routes(router: Router, invoker: Invoker) -> None:
+    router.add("POST", PATH, functools.partial(answer, invoker))
 
 
 def _alias_or_latest(qualifier: str) -> bool:

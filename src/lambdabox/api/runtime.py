@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
-from aiohttp import web
-
-from lambdabox.api.shell import SHELL
+from lambdabox.api.httpserver import Request, Response, Router, json_response
+from lambdabox.api.shell import Shell
 from lambdabox.core.errors import ApiError
 from lambdabox.core.facts import ErrorPosted, InitErrorPosted, ResponsePosted, RuntimeRequestedNext
 
@@ -16,8 +16,8 @@ ERROR_TYPE_HEADER = "Lambda-Runtime-Function-Error-Type"
 ACCEPTED = {"status": "OK"}
 
 
-async def next_invocation(request: web.Request) -> web.Response:
-    invoke, deadline = await request.app[SHELL].runtime_next(RuntimeRequestedNext())
+async def next_invocation(shell: Shell, request: Request) -> Response:
+    invoke, deadline = await shell.runtime_next(RuntimeRequestedNext())
     headers = {
         "Lambda-Runtime-Aws-Request-Id": invoke.request_id,
         "Lambda-Runtime-Deadline-Ms": str(int(deadline * 1000)),
@@ -28,43 +28,39 @@ async def next_invocation(request: web.Request) -> web.Response:
         headers["Lambda-Runtime-Client-Context"] = invoke.client_context
     if invoke.cognito_identity is not None:
         headers["Lambda-Runtime-Cognito-Identity"] = invoke.cognito_identity
-    return web.Response(body=invoke.payload, headers=headers, content_type="application/json")
+    return Response(200, invoke.payload, headers)
 
 
-async def post_response(request: web.Request) -> web.Response:
-    shell = request.app[SHELL]
-    request_id = request.match_info["request_id"]
-    first_byte_at = shell.now()
+async def post_response(shell: Shell, request: Request) -> Response:
+    request_id = request.params["request_id"]
+    first_byte_at = shell.now()  # the whole body is in: the runtime began sending it no later than now
     try:
-        body = await _read_limited(request)
+        body = _read_limited(request)
     except ApiError:
         failure = _error_json("Function.ResponseSizeTooLarge", _too_large_message())
         shell.submit(ErrorPosted(request_id, "Function.ResponseSizeTooLarge", failure))
         raise
-    content_type = request.headers.get("Content-Type", "application/json")
+    content_type = request.header("Content-Type") or "application/json"
     shell.submit(ResponsePosted(request_id, body, content_type, first_byte_at))
-    return web.json_response(ACCEPTED, status=202)
+    return json_response(ACCEPTED, status=202)
 
 
-async def post_error(request: web.Request) -> web.Response:
-    body, error_type = await _error_request(request)
-    request.app[SHELL].submit(ErrorPosted(request.match_info["request_id"], error_type, body))
-    return web.json_response(ACCEPTED, status=202)
+async def post_error(shell: Shell, request: Request) -> Response:
+    body, error_type = _error_request(request)
+    shell.submit(ErrorPosted(request.params["request_id"], error_type, body))
+    return json_response(ACCEPTED, status=202)
 
 
-async def post_init_error(request: web.Request) -> web.Response:
-    body, error_type = await _error_request(request)
-    request.app[SHELL].submit(InitErrorPosted(error_type, body))
-    return web.json_response(ACCEPTED, status=202)
+async def post_init_error(shell: Shell, request: Request) -> Response:
+    body, error_type = _error_request(request)
+    shell.submit(InitErrorPosted(error_type, body))
+    return json_response(ACCEPTED, status=202)
 
 
-async def _read_limited(request: web.Request) -> bytes:
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        body += chunk
-        if len(body) > MAX_RESPONSE_BYTES:
-            raise ApiError(413, "RequestEntityTooLarge", _too_large_message())
-    return bytes(body)
+def _read_limited(request: Request) -> bytes:
+    if request.oversize or len(request.body) > MAX_RESPONSE_BYTES:
+        raise ApiError(413, "RequestEntityTooLarge", _too_large_message())
+    return request.body
 
 
 def _too_large_message() -> str:
@@ -75,10 +71,10 @@ def _error_json(error_type: str, message: str) -> bytes:
     return json.dumps({"errorMessage": message, "errorType": error_type}).encode()
 
 
-async def _error_request(request: web.Request) -> tuple[bytes, str]:
+def _error_request(request: Request) -> tuple[bytes, str]:
     """The ErrorRequest as posted, and its type: the header wins, then the body's errorType (as Lambda does)."""
-    raw = await _read_limited(request)
-    header = request.headers.get(ERROR_TYPE_HEADER)
+    raw = _read_limited(request)
+    header = request.header(ERROR_TYPE_HEADER)
     try:
         parsed = json.loads(raw) if raw.strip() else {}
     except ValueError:
@@ -90,10 +86,8 @@ async def _error_request(request: web.Request) -> tuple[bytes, str]:
     return raw, error_type
 
 
-def routes() -> list[web.RouteDef]:
-    return [
-        web.get(f"{PREFIX}/invocation/next", next_invocation),
-        web.post(f"{PREFIX}/invocation/{{request_id}}/response", post_response),
-        web.post(f"{PREFIX}/invocation/{{request_id}}/error", post_error),
-        web.post(f"{PREFIX}/init/error", post_init_error),
-    ]
+def add_routes(router: Router, shell: Shell) -> None:
+    router.add("GET", f"{PREFIX}/invocation/next", functools.partial(next_invocation, shell))
+    router.add("POST", f"{PREFIX}/invocation/{{request_id}}/response", functools.partial(post_response, shell))
+    router.add("POST", f"{PREFIX}/invocation/{{request_id}}/error", functools.partial(post_error, shell))
+    router.add("POST", f"{PREFIX}/init/error", functools.partial(post_init_error, shell))

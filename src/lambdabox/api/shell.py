@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from aiohttp import web
-
 from lambdabox.core.facts import ExtensionRequestedNext, Fact, Invoke, RuntimeRequestedNext
 from lambdabox.core.model import FunctionConfig
 
@@ -24,6 +22,3 @@ class Shell(Protocol):
 
     async def extension_next(self, fact: ExtensionRequestedNext) -> dict[str, Any]:
         """Submit an extension's /event/next and wait for its event."""
-
-
-SHELL = web.AppKey("shell", Shell)

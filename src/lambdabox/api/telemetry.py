@@ -3,12 +3,11 @@ and extension records; also what both subscription APIs need from the environmen
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
-from aiohttp import web
-
 from lambdabox.api.extensions import IDENTIFIER
-from lambdabox.api.render import read_json
+from lambdabox.api.httpserver import Request, Response, Router, json_response, read_json
 from lambdabox.core.telemetry import ERROR_TYPE, TELEMETRY, Subscription, parse_telemetry_subscription
 
 PATH = "/2022-07-01/telemetry"
@@ -23,15 +22,11 @@ class Subscriptions(Protocol):
         (403 after Init, 400 when the extension already uses the other API)."""
 
 
-SUBSCRIPTIONS = web.AppKey("subscriptions", Subscriptions)
+async def subscribe(subscriptions: Subscriptions, request: Request) -> Response:
+    name = subscriptions.extension_name(request.header(IDENTIFIER))
+    subscriptions.subscribe(name, parse_telemetry_subscription(read_json(request, ERROR_TYPE[TELEMETRY])))
+    return json_response("OK")  # 200, not 202: the samples read 202 as "not supported, running locally?"
 
 
-async def subscribe(request: web.Request) -> web.Response:
-    subscriptions = request.app[SUBSCRIPTIONS]
-    name = subscriptions.extension_name(request.headers.get(IDENTIFIER))
-    subscriptions.subscribe(name, parse_telemetry_subscription(await read_json(request, ERROR_TYPE[TELEMETRY])))
-    return web.json_response("OK")  # 200, not 202: the samples read 202 as "not supported, running locally?"
-
-
-def routes() -> list[web.RouteDef]:
-    return [web.put(PATH, subscribe)]
+def add_routes(router: Router, subscriptions: Subscriptions) -> None:
+    router.add("PUT", PATH, functools.partial(subscribe, subscriptions))

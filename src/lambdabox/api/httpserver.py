@@ -1,0 +1,281 @@
+"""A lean HTTP/1.1 server for every API lambdabox serves: the Invoke API, and the Runtime, Extensions, Logs and
+Telemetry APIs of each environment. Routing on method and path, keep-alive, ``Expect: 100-continue``, sized or
+chunked bodies (parsed by httptools), requests on one connection answered in order, bodies bounded, a graceful
+close. Three exchanges are on every invoke's critical path, so it does only what these APIs need; an ApiError a
+handler raises becomes the Runtime API's error response (the Invoke API renders its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import re
+import socket
+import urllib.parse
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+import httptools
+
+from lambdabox.core.errors import ApiError
+
+MAX_BODY_BYTES = 12 * 1024 * 1024
+"""Body bytes kept per request; beyond it the rest is read and dropped, and the request is marked ``oversize``."""
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # as sent (percent-encoded), without the query
+    headers: dict[str, str]  # names in lower case; repeated headers joined with ", "
+    body: bytes = b""
+    oversize: bool = False  # the body was longer than MAX_BODY_BYTES (``body`` holds none of it)
+    params: dict[str, str] = field(default_factory=dict)  # the route's {name} parts, percent-decoded
+    query_string: str = ""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query's parameters, decoded (the last of a repeated one wins)."""
+        return dict(urllib.parse.parse_qsl(self.query_string, keep_blank_values=True))
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+def json_response(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(data).encode(), headers or {})
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response({"errorMessage": error.message, "errorType": error.error_type}, error.status)
+
+
+def read_json(request: Request, error_type: str) -> object:
+    """The request body as JSON, or ApiError 400 with ``error_type``; an empty body is ``{}``."""
+    if request.oversize:
+        raise ApiError(413, "RequestEntityTooLarge", f"request body over {MAX_BODY_BYTES} bytes")
+    if not request.body.strip():
+        return {}
+    try:
+        return json.loads(request.body)
+    except ValueError as error:
+        raise ApiError(400, error_type, f"request body is not valid JSON: {error}") from error
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Router:
+    """Routes by method and path; a path's ``{name}`` part matches one segment and lands in ``params``."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[str, Handler]] = {}
+        self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        if "{" not in path:
+            self._exact.setdefault(path, {})[method] = handler
+            return
+        regex = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path)))
+        for pattern, methods in self._patterns:
+            if pattern.pattern == regex.pattern:
+                methods[method] = handler
+                return
+        self._patterns.append((regex, {method: handler}))
+
+    def resolve(self, request: Request) -> Handler | Response:
+        """The handler for ``request`` (its ``params`` filled in), or the 404 or 405 answer."""
+        methods = self._exact.get(request.path)
+        if methods is None:
+            for pattern, candidates in self._patterns:
+                if (match := pattern.fullmatch(request.path)) is not None:
+                    request.params = {k: urllib.parse.unquote(v) for k, v in match.groupdict().items()}
+                    methods = candidates
+                    break
+            else:
+                return Response(404, b"404: Not Found", content_type="text/plain")
+        handler = methods.get(request.method)
+        if handler is None:
+            return Response(405, b"405: Method Not Allowed", {"Allow": ", ".join(methods)}, "text/plain")
+        return handler
+
+
+async def _answer(router: Router, request: Request) -> Response:
+    found = router.resolve(request)
+    if isinstance(found, Response):
+        return found
+    try:
+        return await found(request)
+    except ApiError as error:
+        return error_response(error)
+
+
+def _encode(response: Response, keep_alive: bool) -> bytes:
+    lines = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}"]
+    if response.status != 204:  # (a 204 has neither)
+        lines += [f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}"]
+    lines += [f"{name}: {value}" for name, value in response.headers.items()]
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests, answers them one after another, in order."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._queue: deque[tuple[Request, bool]] = deque()
+        self._task: asyncio.Task[None] | None = None  # answering the queued requests, one after another
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # a stream's (uvloop's is no subclass)
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._transport = None
+        self._queue.clear()  # an answer in progress runs to its end (the core expects it), unwritten
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+            self._fail(400, f"bad request: {error}")
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # ---- httptools callbacks ----------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def on_headers_complete(self) -> None:
+        expect = self._headers.get("expect", "").lower()
+        if expect == "100-continue" and self._transport is not None:
+            self._transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size <= MAX_BODY_BYTES:
+            self._body.append(body)
+        else:
+            self._body = []
+
+    def on_message_complete(self) -> None:
+        path, _, query = self._url.decode("latin-1").partition("?")
+        method = self._parser.get_method().decode("latin-1")
+        oversize = self._size > MAX_BODY_BYTES
+        request = Request(method, path, self._headers, b"".join(self._body), oversize, query_string=query)
+        self._queue.append((request, self._parser.should_keep_alive()))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+            self._server.tasks.add(self._task)
+            self._task.add_done_callback(self._server.tasks.discard)
+
+    # ---- answering --------------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue:
+                request, keep_alive = self._queue.popleft()
+                try:
+                    response = await _answer(self._server.router, request)
+                except Exception as error:  # a handler's bug: answered, not left hanging
+                    response = json_response({"errorMessage": repr(error), "errorType": "ServiceException"}, 500)
+                if self._transport is None:
+                    return
+                keep_alive = keep_alive and not self._server.closing
+                self._transport.writelines([_encode(response, keep_alive), response.body])
+                if not keep_alive:
+                    self._transport.close()
+                    return
+        finally:
+            self._task = None
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None
+
+    def _fail(self, status: int, message: str) -> None:
+        if self._transport is not None:
+            response = Response(status, message.encode(), content_type="text/plain")
+            self._transport.writelines([_encode(response, False), response.body])
+            self._transport.close()
+
+
+class Server:
+    """Serves ``router`` on any number of listening sockets until ``close``."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # answers in progress (some may outlive their connection)
+        self.closing = False
+        self._servers: list[asyncio.Server] = []
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on ``host:port`` (0: any free port); the address bound."""
+        server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, port)
+        self._servers.append(server)
+        address: tuple[str, int] = server.sockets[0].getsockname()[:2]
+        return address
+
+    async def serve_socket(self, listener: socket.socket) -> None:
+        """Serve on a socket already bound and listening (owned by the server from here on)."""
+        server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), sock=listener)
+        self._servers.append(server)
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop listening and close the idle connections; let the answers in progress be given (each then closes
+        its connection) for up to ``grace_s``; then cancel what is left and close every connection."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        for connection in [c for c in self.connections if c.idle]:
+            connection.close()
+        if self.tasks and grace_s > 0:
+            await asyncio.wait(set(self.tasks), timeout=grace_s)
+        for connection in list(self.connections):
+            connection.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()

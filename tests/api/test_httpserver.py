@@ -1,0 +1,214 @@
+"""The environment's HTTP server over real sockets, byte by byte: keep-alive, pipelining, 100-continue, chunked and
+oversize bodies, HTTP/1.0, routing misses, and how handler errors are answered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from lambdabox.api import httpserver
+from lambdabox.api.httpserver import Request, Response, Router, Server, json_response
+from lambdabox.core.errors import ApiError
+from support import run
+
+
+async def echo(request: Request) -> Response:
+    body = {"method": request.method, "path": request.path, "params": request.params, "size": len(request.body)}
+    body |= {"oversize": request.oversize, "x": request.header("X-Thing"), "text": request.body[:64].decode()}
+    return json_response(body, headers={"X-Echo": "1"})
+
+
+async def refuse(request: Request) -> Response:
+    raise ApiError(403, "Some.ErrorType", "not now")
+
+
+async def broken(request: Request) -> Response:
+    raise RuntimeError("a bug")
+
+
+async def wait(request: Request) -> Response:
+    await asyncio.sleep(0.05)  # holds the first answer back; the second, pipelined behind it, must wait its turn
+    return json_response({"waited": True})
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[tuple[str, int]]:
+    router = Router()
+    router.add("POST", "/echo", echo)
+    router.add("GET", "/echo", echo)
+    router.add("POST", "/items/{item_id}/things", echo)
+    router.add("GET", "/refuse", refuse)
+    router.add("GET", "/broken", broken)
+    router.add("GET", "/wait", wait)
+    server = Server(router)
+    address = await server.listen("127.0.0.1", 0)
+    try:
+        yield address
+    finally:
+        await server.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    return int(status_line.split()[1]), headers, body
+
+
+def exchange(*writes: bytes, responses: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send ``writes`` one after another on one connection; read ``responses`` answers."""
+
+    async def go() -> list[tuple[int, dict[str, str], bytes]]:
+        async with serving() as (host, port):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                for data in writes:
+                    writer.write(data)
+                    await writer.drain()
+                return [await read_response(reader) for _ in range(responses)]
+            finally:
+                writer.close()
+
+    return run(go(), timeout=15)
+
+
+def post(path: str, body: bytes, *extra: str) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def test_keep_alive_answers_each_request_in_turn_with_length_and_type() -> None:
+    first, second = exchange(post("/echo", b"one", "X-Thing: a"), post("/echo?q=1", b"two!"), responses=2)
+    for (status, headers, body), (size, text) in zip((first, second), ((3, "one"), (4, "two!")), strict=True):
+        assert status == 200 and headers["content-type"] == "application/json" and headers["x-echo"] == "1"
+        assert "connection" not in headers
+        answer = json.loads(body)
+        assert (answer["size"], answer["text"], answer["path"]) == (size, text, "/echo")
+    assert json.loads(first[2])["x"] == "a" and json.loads(second[2])["x"] is None
+
+
+def test_pipelined_requests_in_one_write_are_answered_in_order() -> None:
+    both = b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n" + post("/echo", b"after")
+    (s1, _, b1), (s2, _, b2) = exchange(both, responses=2)
+    assert (s1, json.loads(b1)) == (200, {"waited": True})
+    assert (s2, json.loads(b2)["text"]) == (200, "after")
+
+
+def test_a_request_split_anywhere_across_writes_is_parsed_whole() -> None:
+    data = post("/items/abc-123/things", b'{"k": 1}', "X-Thing: split")
+    ((status, _, body),) = exchange(*(data[i : i + 7] for i in range(0, len(data), 7)))
+    answer = json.loads(body)
+    assert status == 200 and answer["params"] == {"item_id": "abc-123"} and answer["x"] == "split"
+    assert answer["text"] == '{"k": 1}'
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent() -> None:
+    async def go() -> tuple[bytes, int, bytes]:
+        async with serving() as (host, port):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+                interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                writer.write(b"hello")
+                status, _, body = await read_response(reader)
+                return interim, status, body
+            finally:
+                writer.close()
+
+    interim, status, body = run(go(), timeout=15)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert status == 200 and json.loads(body)["text"] == "hello"
+
+
+def test_a_chunked_body_is_joined() -> None:
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ((status, _, body),) = exchange(head + b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+    assert status == 200 and json.loads(body)["text"] == "abcdefg"
+
+
+def test_http_1_0_gets_its_answer_and_the_connection_closes() -> None:
+    async def go() -> tuple[int, dict[str, str], bytes, bytes]:
+        async with serving() as (host, port):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+            status, headers, body = await read_response(reader)
+            rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed
+            writer.close()
+            return status, headers, body, rest
+
+    status, headers, body, rest = run(go(), timeout=15)
+    assert status == 200 and headers["connection"] == "close" and json.loads(body)["method"] == "GET"
+    assert rest == b""
+
+
+def test_an_oversize_body_is_read_to_its_end_and_marked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "MAX_BODY_BYTES", 10)
+    big, small = exchange(post("/echo", b"x" * 11), post("/echo", b"fits"), responses=2)
+    assert big[0] == 200 and json.loads(big[2]) | {"params": {}} == {
+        "method": "POST",
+        "path": "/echo",
+        "params": {},
+        "size": 0,
+        "oversize": True,
+        "x": None,
+        "text": "",
+    }
+    assert json.loads(small[2])["text"] == "fits"  # the connection was still in step
+
+
+def test_routing_misses_and_errors_are_answered() -> None:
+    get = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n"
+    answers = exchange(*(get % p for p in (b"/nowhere", b"/items/1/things", b"/refuse", b"/broken")), responses=4)
+    (s404, _, _), (s405, h405, _), (s403, _, b403), (s500, _, b500) = answers
+    assert (s404, s405, h405["allow"]) == (404, 405, "POST")
+    assert (s403, json.loads(b403)) == (403, {"errorMessage": "not now", "errorType": "Some.ErrorType"})
+    assert s500 == 500 and json.loads(b500) == {
+        "errorMessage": "RuntimeError('a bug')",
+        "errorType": "ServiceException",
+    }
+
+
+def test_a_malformed_request_gets_400_and_the_connection_closes() -> None:
+    async def go() -> tuple[int, bytes]:
+        async with serving() as (host, port):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"NOT AN HTTP REQUEST\r\n\r\n")
+            status, _, _ = await read_response(reader)
+            rest = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return status, rest
+
+    assert run(go(), timeout=15) == (400, b"")
+
+
+def test_close_ends_connections_and_cancels_answers_in_progress() -> None:
+    gate: asyncio.Future[None]
+    entered = asyncio.Event()
+
+    async def forever(request: Request) -> Response:
+        entered.set()
+        await gate
+        return json_response({})
+
+    async def go() -> tuple[bytes, bool]:
+        nonlocal gate
+        gate = asyncio.get_running_loop().create_future()
+        router = Router()
+        router.add("GET", "/forever", forever)
+        server = Server(router)
+        host, port = await server.listen("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await entered.wait()
+        await server.close()
+        rest = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return rest, not server.tasks and gate.cancelled()
+
+    assert run(go(), timeout=15) == (b"", True)
