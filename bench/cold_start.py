@@ -40,6 +40,7 @@ from common import LogTail, ms
 
 from lambdabox.core.model import FunctionConfig, Response
 from lambdabox.environment import Options, open_environment
+from lambdabox.loop import run as run_loop
 from lambdabox.sandbox.runtime import resolve_runtime
 
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -204,7 +205,7 @@ def run() -> None:
         async with asyncio.timeout(BUDGET_S):
             await main(args.rounds)
 
-    asyncio.run(bounded())
+    run_loop(bounded())
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ async def main(template, destinations, max_concurrency):
             }
             print(json.dumps({"pools": pools, "reports": reports}), flush=True)
 
-asyncio.run(main(*sys.argv[1:]))
+from lambdabox.loop import run
+run(main(*sys.argv[1:]))
 """
 
 # The floor: a bare aiohttp server, same route, reads the body and answers 200 with the same JSON body. Prints
@@ -157,7 +158,8 @@ async def main():
     await asyncio.wait({stopping, asyncio.ensure_future(reader.read())}, return_when=asyncio.FIRST_COMPLETED)
     await runner.cleanup()
 
-asyncio.run(main())
+import uvloop
+uvloop.run(main())  # the event loop lambdabox runs on
 """
 
 # The load generator. Arguments: path, then name=url for each target. Reads one JSON command per line on stdin:

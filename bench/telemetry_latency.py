@@ -53,6 +53,7 @@ from common import percentile
 from lambdabox.core.model import FunctionConfig, LayerConfig, Response
 from lambdabox.core.telemetry import TELEMETRY, encode, render
 from lambdabox.environment import Options, TelemetryEvent, open_environment
+from lambdabox.loop import run as run_loop
 
 BASE_PYTHON = getattr(sys, "_base_executable", "") or sys.executable
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -335,7 +336,7 @@ def run() -> None:
         async with asyncio.timeout(BUDGET_S):
             await main(args.invokes, args.seconds, args.interval_ms, args.idle_s)
 
-    asyncio.run(bounded())
+    run_loop(bounded())
 
 
 if __name__ == "__main__":

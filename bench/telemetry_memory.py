@@ -42,6 +42,7 @@ import psutil
 from lambdabox.core.telemetry import TELEMETRY, Buffering, Destination, Subscription
 from lambdabox.delivery import SubscriberStats, TelemetryHub
 from lambdabox.environment import TelemetryEvent
+from lambdabox.loop import run as run_loop
 
 BUDGET_S = 110.0  # the whole run, so the script always ends by itself
 MIB = 1024 * 1024
@@ -273,7 +274,7 @@ def run() -> None:
         async with asyncio.timeout(BUDGET_S):
             await main(args.records, args.delay_s)
 
-    asyncio.run(bounded())
+    run_loop(bounded())
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from common import LogTail, ms, percentile
 
 from lambdabox.core.model import FunctionConfig, LayerConfig, Response
 from lambdabox.environment import Environment, Options, open_environment
+from lambdabox.loop import run as run_loop
 
 BASE_PYTHON = getattr(sys, "_base_executable", "") or sys.executable
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -323,7 +324,7 @@ def run() -> None:
         async with asyncio.timeout(BUDGET_S):
             await main(args.warmup, args.invokes, args.block)
 
-    asyncio.run(bounded())
+    run_loop(bounded())
 
 
 if __name__ == "__main__":

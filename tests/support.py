@@ -19,6 +19,7 @@ from aiohttp import web
 
 from lambdabox.core.model import FunctionConfig, LayerConfig
 from lambdabox.environment import Environment, TelemetryEvent, open_environment
+from lambdabox.loop import run as run_loop
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -32,7 +33,7 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         async with asyncio.timeout(timeout):
             return await coro
 
-    return asyncio.run(bounded())
+    return run_loop(bounded())
 
 
 def extension_script(name: str) -> bytes:

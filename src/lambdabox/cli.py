@@ -21,6 +21,7 @@ from lambdabox.core.model import FunctionConfig, FunctionFailure, LambdaFailure,
 from lambdabox.environment import Observer, Options
 from lambdabox.logs_cli import logs
 from lambdabox.logstore import LogStore, open_logged_environment
+from lambdabox.loop import run as run_loop
 from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
 from lambdabox.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
 from lambdabox.template import Template, load_template
@@ -127,7 +128,7 @@ def invoke(
     options = Options(freeze=freeze, isolate=isolate, private_network=private_network)
     timeline = Timeline() if timeline_path or timeline_console else None
     try:
-        ok = asyncio.run(_invoke(config, payload, repeat, options, timeline, timeline_console=timeline_console))
+        ok = run_loop(_invoke(config, payload, repeat, options, timeline, timeline_console=timeline_console))
     except LambdaboxError as error:
         raise click.ClickException(str(error)) from error
     if timeline is not None and timeline_path is not None:
@@ -254,7 +255,7 @@ def start_lambda(
         logs=LogStore(),
     )
     try:
-        asyncio.run(_serve(template, host, port, settings))
+        run_loop(_serve(template, host, port, settings))
     except (LambdaboxError, OSError) as error:
         raise click.ClickException(str(error)) from error
 

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from lambdabox.core.errors import SandboxError
+from lambdabox.loop import run as run_loop
 from lambdabox.sandbox import isolation
 from lambdabox.sandbox.isolation import CGROUP_ROOT, Isolation, Layout, open_isolation
 from lambdabox.sandbox.netns import NetNamespace
@@ -28,7 +29,7 @@ needs_full = pytest.mark.skipif(not FULL, reason="needs root and cgroup v1 memor
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    return run_loop(coro)
 
 
 def make_layout(root: Path, keep: tuple[Path, ...] = ()) -> Layout:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from lambdabox.loop import run as run_loop
 from lambdabox.sandbox.processes import MAX_RECORD, OwnedProcess
 
 T = TypeVar("T")
@@ -19,7 +20,7 @@ PY = sys.executable
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    return run_loop(coro)
 
 
 class Records:

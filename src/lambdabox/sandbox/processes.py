@@ -11,7 +11,7 @@ import signal as signals
 import struct
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO
+from typing import IO, cast
 
 from lambdabox.core.errors import SandboxError
 
@@ -58,8 +58,7 @@ class _Capture(asyncio.Protocol):
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.ReadTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.ReadTransport, transport)  # a read pipe's (uvloop's is no subclass)
 
     def _emit(self, data: bytes | bytearray) -> None:
         text = _text(data)

@@ -24,6 +24,7 @@ from lambdabox.environment import (
     TelemetryEvent,
     open_environment,
 )
+from lambdabox.loop import new_event_loop
 
 START_TIMEOUT_S = 120.0  # staging, isolation, and the first use of a runtime, which installs its client
 SHUTDOWN_TIMEOUT_S = 30.0  # Lambda's shutdown budget is 2 s; the rest is for reaping
@@ -163,7 +164,7 @@ class LambdaFunction:
         self._cleanup = cleanup
         self._stopping = self._closed = False
         self._stop = asyncio.Event()
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name=f"lambdabox-{config.logical_id}", daemon=True)
         self._thread.start()
         ready: concurrent.futures.Future[Environment] = concurrent.futures.Future()
