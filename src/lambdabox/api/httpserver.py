@@ -131,7 +131,7 @@ def _encode(response: Response, keep_alive: bool) -> bytes:
     lines += [f"{name}: {value}" for name, value in response.headers.items()]
     if not keep_alive:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()  # (UTF-8 in a value passes through, as aiohttp has it)
 
 
 class _Connection(asyncio.Protocol):

@@ -8,7 +8,13 @@ from typing import Protocol
 
 from lambdabox.api.extensions import IDENTIFIER
 from lambdabox.api.httpserver import Request, Response, Router, json_response, read_json
-from lambdabox.core.telemetry import ERROR_TYPE, TELEMETRY, Subscription, parse_telemetry_subscription
+from lambdabox.core.telemetry import (
+    ERROR_TYPE,
+    TELEMETRY,
+    Subscription,
+    parse_logs_subscription,
+    parse_telemetry_subscription,
+)
 
 PATH = "/2022-07-01/telemetry"
 
@@ -22,11 +28,13 @@ class Subscriptions(Protocol):
         (403 after Init, 400 when the extension already uses the other API)."""
 
 
-async def subscribe(subscriptions: Subscriptions, request: Request) -> Response:
+async def subscribe(api: str, subscriptions: Subscriptions, request: Request) -> Response:
+    """A subscription through ``api`` (the Logs or the Telemetry API): both are answered alike."""
     name = subscriptions.extension_name(request.header(IDENTIFIER))
-    subscriptions.subscribe(name, parse_telemetry_subscription(read_json(request, ERROR_TYPE[TELEMETRY])))
+    parse = parse_telemetry_subscription if api == TELEMETRY else parse_logs_subscription
+    subscriptions.subscribe(name, parse(read_json(request, ERROR_TYPE[api])))
     return json_response("OK")  # 200, not 202: the samples read 202 as "not supported, running locally?"
 
 
 def add_routes(router: Router, subscriptions: Subscriptions) -> None:
-    router.add("PUT", PATH, functools.partial(subscribe, subscriptions))
+    router.add("PUT", PATH, functools.partial(subscribe, TELEMETRY, subscriptions))
