@@ -1,5 +1,5 @@
-"""Invoke API throughput and latency: invokes per second, p50 and p99 at concurrency 1, 2 and 8, beside a bare
-aiohttp server driven the same way.
+"""Invoke API throughput and latency: invokes per second, p50 and p99 at concurrency 1, 2 and 8, beside lambdabox's
+own HTTP server alone, driven the same way.
 
 What is measured: ``POST /2015-03-31/functions/Noop/invocations`` with a ``{}`` body, answered 200 with ``null``
 by a no-op Python handler (``def handler(e, c): return None``), through ``open_server`` (default settings: isolation
@@ -9,10 +9,11 @@ to the previous one (a closed loop: concurrency N). Latency is per request, from
 throughput is the requests answered in a block divided by the block's wall time (from the threads' start to the
 last one's end). Blocks are time-bounded (``--block-s``), so every case gets the same share of the wall clock.
 
-The floor, measured in the same run: a bare aiohttp server in a process of its own (the same venv interpreter), with
-the same route, reading the body and answering 200 with the same ``null`` JSON body; driven by the same load
-generator, over its own connections, at the same concurrencies. It holds no lambdabox code and no runtime: what is
-left is aiohttp, loopback TCP, the wake-ups and the load generator itself. A lambdabox invoke holds that exchange
+The floor, measured in the same run: the HTTP server lambdabox serves every API with (``lambdabox.api.httpserver``
+on ``lambdabox.loop``), alone, in a process of its own (the same venv interpreter), with the same route, answering
+200 with the same ``null`` JSON body; driven by the same load generator, over its own connections, at the same
+concurrencies. It holds no environment, pool or lifecycle code and no runtime: what is left is the HTTP server,
+loopback TCP, the wake-ups and the load generator itself. A lambdabox invoke holds that exchange
 and two more between lambdabox and the runtime (the event, as the answer to the runtime's pending ``GET /next``;
 the runtime's ``POST .../response``, answered 202; then its next ``GET /next`` ends the invoke phase). So its
 latency cannot be under about twice the floor's (four one-way loopback hops and wake-ups instead of two, plus the
@@ -131,23 +132,21 @@ from lambdabox.loop import run
 run(main(*sys.argv[1:]))
 """
 
-# The floor: a bare aiohttp server, same route, reads the body and answers 200 with the same JSON body. Prints
-# {"url", "pid"} once serving; stops at EOF on stdin or SIGTERM.
+# The floor: lambdabox's own HTTP server alone (lambdabox.api.httpserver, on lambdabox's event loop), same route,
+# answering 200 with the same JSON body. Prints {"url", "pid"} once serving; stops at EOF on stdin or SIGTERM.
 FLOOR = """\
 import asyncio, json, os, signal, sys
-from aiohttp import web
+from lambdabox.api.httpserver import Response, Router, Server
+from lambdabox.loop import run
 
 async def invoke(request):
-    await request.read()
-    return web.Response(body=b"null", content_type="application/json")
+    return Response(200, b"null")
 
 async def main():
-    app = web.Application()
-    app.add_routes([web.post("/2015-03-31/functions/{name}/invocations", invoke)])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
+    router = Router()
+    router.add("POST", "/2015-03-31/functions/{name}/invocations", invoke)
+    server = Server(router)
+    host, port = await server.listen("127.0.0.1", 0)
     print(json.dumps({"url": f"http://{host}:{port}", "pid": os.getpid()}), flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -156,10 +155,9 @@ async def main():
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({stopping, asyncio.ensure_future(reader.read())}, return_when=asyncio.FIRST_COMPLETED)
-    await runner.cleanup()
+    await server.close()
 
-import uvloop
-uvloop.run(main())  # the event loop lambdabox runs on
+run(main())
 """
 
 # The load generator. Arguments: path, then name=url for each target. Reads one JSON command per line on stdin:
@@ -527,7 +525,7 @@ def main_table(by: Cases) -> None:
         f"{'conc':>4} | {'invokes/s':>9} {'floor/s':>8} {'ratio':>6} | {'p50 ms':>7} {'floor':>6} {'ratio':>6} | "
         f"{'p99 ms':>7} {'floor':>6} {'ratio':>6} | {'requests':>8}"
     )
-    print("lambdabox (no-op Python function) against the floor (bare aiohttp), http.client keep-alive connections:")
+    print("lambdabox (no-op Python function) against the floor (its HTTP server alone), http.client connections:")
     print(header)
     print("-" * len(header))
     for c in CONCURRENCIES:

@@ -13,12 +13,13 @@ also timed on their own (by wrapping the environment's isolation methods in this
 answer (``on_outcome``: when Lambda would answer its caller) is given too; ``invoke()`` itself returns
 later, when the invoke phase is over (the runtime asked for the next event, and so did the extension).
 
-The floor, measured in the same run: a bare loopback HTTP round trip. An aiohttp server in this process's
-event loop (the loop lambdabox serves its APIs from) answers ``GET /ping`` with a 2-byte body; a client in a
-separate process (the base interpreter the runtime uses) does blocking ``http.client`` keep-alive GETs and
-times each one. So the floor holds: one request and one response over a loopback TCP connection already
-open, aiohttp's request parsing and routing and response writing, two cross-process wake-ups (server
-wakes on the request, client wakes on the response) and http.client's parsing. It holds no lambdabox code.
+The floor, measured in the same run: a bare loopback HTTP round trip. The HTTP server lambdabox serves its APIs
+with (``lambdabox.api.httpserver``), in this process's event loop, answers ``GET /ping`` with a 2-byte body; a
+client in a separate process (the base interpreter the runtime uses) does blocking ``http.client`` keep-alive
+GETs and times each one. So the floor holds: one request and one response over a loopback TCP connection
+already open, the server's request parsing and routing and response writing, two cross-process wake-ups
+(server wakes on the request, client wakes on the response) and http.client's parsing. It holds none of
+lambdabox's lifecycle code.
 
 An invoke needs at least two such round trips in sequence (the runtime's pending GET /next is answered
 with the event; it POSTs the response and gets a 202; then it GETs /next again, which is what ends the
@@ -46,10 +47,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
 from common import LogTail, ms, percentile
 
-from lambdabox.core.model import FunctionConfig, LayerConfig, Response
+from lambdabox.api.httpserver import Request, Response, Router, Server
+from lambdabox.core.model import FunctionConfig, LayerConfig
+from lambdabox.core.model import Response as InvokeResponse
 from lambdabox.environment import Environment, Options, open_environment
 from lambdabox.loop import run as run_loop
 
@@ -129,17 +131,14 @@ class Case:
 
 @contextlib.asynccontextmanager
 async def floor_case() -> collections.abc.AsyncIterator[Case]:
-    async def ping(_request: web.Request) -> web.Response:
-        return web.Response(body=b"{}", content_type="application/json")
+    async def ping(_request: Request) -> Response:
+        return Response(200, b"{}")
 
-    app = web.Application()
-    app.add_routes([web.get("/ping", ping)])
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-    await runner.setup()
+    router = Router()
+    router.add("GET", "/ping", ping)
+    server = Server(router)
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
+        host, port = await server.listen("127.0.0.1", 0)
         client = await asyncio.create_subprocess_exec(
             *(BASE_PYTHON, "-I", "-c", FLOOR_CLIENT, host, str(port)),
             stdin=asyncio.subprocess.PIPE,
@@ -164,7 +163,7 @@ async def floor_case() -> collections.abc.AsyncIterator[Case]:
             stdin.close()
             await asyncio.wait_for(client.wait(), 5.0)
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 # ---- the function ----------------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ async def check(env: Environment, tail: LogTail) -> float:
     """One invoke; returns when the outcome was known (``on_outcome``: when Lambda would answer the caller)."""
     answered: list[float] = []
     result = await env.invoke(b"{}", on_outcome=lambda _outcome: answered.append(time.perf_counter()))
-    if not isinstance(result.outcome, Response) or result.outcome.body != b"null":
+    if not isinstance(result.outcome, InvokeResponse) or result.outcome.body != b"null":
         raise tail.failure(result.outcome)
     return answered[0]
 
