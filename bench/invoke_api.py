@@ -3,11 +3,12 @@ own HTTP server alone, driven the same way.
 
 What is measured: ``POST /2015-03-31/functions/Noop/invocations`` with a ``{}`` body, answered 200 with ``null``
 by a no-op Python handler (``def handler(e, c): return None``), through ``open_server`` (default settings: isolation
-and freeze on, a pool per function) in a process of its own. The load generator is a third process: N threads, each
-with its own ``http.client`` keep-alive connection, each sending its next request as soon as it has read the answer
-to the previous one (a closed loop: concurrency N). Latency is per request, from ``request()`` to the body read;
-throughput is the requests answered in a block divided by the block's wall time (from the threads' start to the
-last one's end). Blocks are time-bounded (``--block-s``), so every case gets the same share of the wall clock.
+and freeze on, a pool per function) in a process of its own. The load generator is a third process with N worker
+processes (one per connection, so that no two connections share a GIL), each with its own ``http.client``
+keep-alive connection, each sending its next request as soon as it has read the answer to the previous one (a
+closed loop: concurrency N). Latency is per request, from ``request()`` to the body read; throughput is the
+requests answered in a block divided by the block's wall time (from the common start to the last one's end).
+Blocks are time-bounded (``--block-s``), so every case gets the same share of the wall clock.
 
 The floor, measured in the same run: the HTTP server lambdabox serves every API with (``lambdabox.api.httpserver``
 on ``lambdabox.loop``), alone, in a process of its own (the same venv interpreter), with the same route, answering
@@ -165,7 +166,7 @@ run(main())
 # latency per request, s), "wall" (s), "errors", "error"}. Each target keeps its http.client connections (one per
 # thread index) and its boto3 client across blocks. Ends at EOF.
 LOADGEN = """\
-import http.client, json, sys, threading, time
+import http.client, json, multiprocessing, sys, time
 from urllib.parse import urlsplit
 
 PATH = sys.argv[1]
@@ -181,45 +182,54 @@ def connection(target, i):
         pool.append(http.client.HTTPConnection(url.hostname, url.port, timeout=30))
     return pool[i]
 
-def http_worker(conn, box, barrier, out, i, pause):
-    times, errors, error = [], 0, ""
-    barrier.wait()
-    deadline = box[0]
+# One connection in a process of its own (no GIL shared with the other connections): runs each block asked for on
+# the pipe, from its start time to its deadline, and answers with what it measured.
+def http_worker(target, i, pipe):
+    conn = connection(target, i)
     perf = time.perf_counter
-    while True:
-        if pause:  # the client's own work between two requests (not timed)
-            until = perf() + pause
-            while perf() < until:
-                pass
-        t0 = perf()
-        if t0 >= deadline:
-            break
-        try:
-            conn.request("POST", PATH, body=b"{}", headers=HEADERS)
-            response = conn.getresponse()
-            body = response.read()
-            ok = response.status == 200 and body == b"null"
-            if not ok:
-                errors, error = errors + 1, f"{response.status} {body[:200]!r}"
-        except Exception as exc:
-            errors, error = errors + 1, repr(exc)
-            conn.close()
-        times.append(perf() - t0)
-    out[i] = (times, errors, error, perf())
+    while (block := pipe.recv()) is not None:
+        start, seconds, pause = block
+        while perf() < start:  # every worker starts the block at the same moment
+            pass
+        deadline = start + seconds
+        times, errors, error = [], 0, ""
+        while True:
+            if pause:  # the client's own work between two requests (not timed)
+                until = perf() + pause
+                while perf() < until:
+                    pass
+            t0 = perf()
+            if t0 >= deadline:
+                break
+            try:
+                conn.request("POST", PATH, body=b"{}", headers=HEADERS)
+                response = conn.getresponse()
+                body = response.read()
+                ok = response.status == 200 and body == b"null"
+                if not ok:
+                    errors, error = errors + 1, f"{response.status} {body[:200]!r}"
+            except Exception as exc:
+                errors, error = errors + 1, repr(exc)
+                conn.close()
+            times.append(perf() - t0)
+        pipe.send((times, errors, error, perf()))
+
+workers = {}
+
+def worker(target, i):
+    if (target, i) not in workers:
+        mine, theirs = multiprocessing.Pipe()
+        process = multiprocessing.get_context("fork").Process(target=http_worker, args=(target, i, theirs), daemon=True)
+        process.start()
+        workers[target, i] = (process, mine)
+    return workers[target, i][1]
 
 def run_http(target, c, seconds, pause):
-    box, barrier, out = [0.0], threading.Barrier(c + 1), [None] * c
-    threads = [
-        threading.Thread(target=http_worker, args=(connection(target, i), box, barrier, out, i, pause))
-        for i in range(c)
-    ]
-    for thread in threads:
-        thread.start()
-    t_start = time.perf_counter()
-    box[0] = t_start + seconds
-    barrier.wait()
-    for thread in threads:
-        thread.join()
+    pipes = [worker(target, i) for i in range(c)]
+    t_start = time.perf_counter() + 0.005  # (CLOCK_MONOTONIC: the same clock in every process)
+    for pipe in pipes:
+        pipe.send((t_start, seconds, pause))
+    out = [pipe.recv() for pipe in pipes]
     times = [t for o in out for t in o[0]]
     errors = sum(o[1] for o in out)
     error = next((o[2] for o in out if o[2]), "")
@@ -250,6 +260,11 @@ def run_boto3(target, seconds):
         times.append(perf() - t0)
     return {"times": times, "wall": perf() - t_start, "errors": errors, "error": error}
 
+def stop_workers():
+    for process, pipe in workers.values():
+        pipe.send(None)
+        process.join(5)
+
 for line in sys.stdin:
     command = json.loads(line)
     if command["client"] == "boto3":
@@ -258,6 +273,7 @@ for line in sys.stdin:
         result = run_http(command["target"], command["c"], command["seconds"], command.get("pause", 0.0))
     result["times"] = [round(t, 7) for t in result["times"]]
     print(json.dumps(result), flush=True)
+stop_workers()
 """
 
 
@@ -439,10 +455,12 @@ class Bench:
         server = self.servers[case.target]
         server_pid = int(server.info["pid"])
         below = descendants(server_pid)
-        before = (cpu_s([server_pid]), cpu_s(below), cpu_s([self.loadgen.pid]), machine_busy_s())
+        clients = [self.loadgen.pid, *descendants(self.loadgen.pid)]  # the load generator and its workers
+        before = (cpu_s([server_pid]), cpu_s(below), cpu_s(clients), machine_busy_s())
         command = {"target": case.target, "client": case.client, "c": case.c, "seconds": seconds, "pause": case.pause}
         got = self.loadgen.ask(command)
-        after = (cpu_s([server_pid]), cpu_s(below), cpu_s([self.loadgen.pid]), machine_busy_s())
+        clients = [self.loadgen.pid, *descendants(self.loadgen.pid)]  # (workers started for this block too)
+        after = (cpu_s([server_pid]), cpu_s(below), cpu_s(clients), machine_busy_s())
         if got["errors"]:
             case.errors += got["errors"]
             case.error = case.error or got["error"]

@@ -201,12 +201,10 @@ async def check(env: Environment, tail: LogTail) -> float:
     return answered[0]
 
 
-def timed(
-    method: Callable[[], Awaitable[None]], into: Callable[[], list[float] | None]
-) -> Callable[[], Awaitable[None]]:
-    async def wrapper() -> None:
+def timed(method: Callable[[], None], into: Callable[[], list[float] | None]) -> Callable[[], None]:
+    def wrapper() -> None:
         t0 = time.perf_counter()
-        await method()
+        method()
         samples = into()
         if samples is not None:
             samples.append(time.perf_counter() - t0)
@@ -232,7 +230,7 @@ async def env_case(stack: contextlib.AsyncExitStack, name: str, config: Function
     # figures stay and only this detail is lost. Calls during the warm-up land in lists reset() drops.
     isolation = getattr(env, "_isolation", None)
     if isolation is not None:
-        isolation.freeze = timed(isolation.freeze, lambda: None if case.done else case.freezes)
+        isolation.freeze_at_once = timed(isolation.freeze_at_once, lambda: None if case.done else case.freezes)
         isolation.thaw = timed(isolation.thaw, lambda: None if case.done else case.thaws)
     return case
 
