@@ -302,7 +302,7 @@ class Environment:
             case f.DeliverExtensionEvent(event=event):
                 return bool(event["eventType"] != "SHUTDOWN")  # SHUTDOWN waits for the telemetry flush first
             case f.Freeze():
-                return self.hub.pause_at_once() and self._isolation.freezes_at_once
+                return self.hub.pause_at_once()
         return True
 
     async def _execute(self, command: f.Command) -> None:
@@ -347,7 +347,7 @@ class Environment:
             case f.Kill():
                 for process in self._doomed:
                     process.signal(signal.SIGKILL)
-            case f.Freeze():  # nothing to pause, and a freeze the kernel completes on its own
+            case f.Freeze():  # nothing to pause
                 self._isolation.freeze_at_once()
             case f.Thaw():
                 self._isolation.thaw()

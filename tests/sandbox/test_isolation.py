@@ -276,6 +276,41 @@ def test_degraded_mode_maps_paths_freezes_by_signal_and_samples_memory(tmp_path:
     ) in iso.degraded
 
 
+TREE = (
+    "import subprocess, sys, time\n"
+    'inner = \'import subprocess, sys, time; subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]);'
+    " time.sleep(600)'\n"
+    "subprocess.Popen([sys.executable, '-c', inner])\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_degraded_freeze_at_once_stops_a_whole_tree_without_waiting(tmp_path: Path) -> None:
+    def states(pids: list[int]) -> set[str | None]:
+        return {isolation._status(pid) for pid in pids}
+
+    async def body() -> tuple[int, set[str | None], set[str | None]]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="tree", isolate=False) as iso:
+            proc = await spawn(iso, TREE, [])
+            await poll_until(lambda: len(iso.pids()) == 3)  # the process, its child and its grandchild
+            pids = iso.pids()
+            assert proc.pid in pids
+            iso.freeze_at_once()  # returns at once; the kernel stops each process on its own
+            await poll_until(lambda: states(pids) == {"T"})
+            stopped = states(pids)
+            iso.thaw()
+            await poll_until(lambda: "T" not in states(pids))
+            iso.freeze_at_once()
+            iso.thaw()  # a thaw right behind the freeze undoes it
+            await poll_until(lambda: "T" not in states(pids))
+            resumed = states(pids)
+            await iso.kill_all()
+            return len(pids), stopped, resumed
+
+    count, stopped, resumed = run(body())
+    assert count == 3 and stopped == {"T"} and "T" not in resumed
+
+
 def test_missing_layout_dir_is_refused(tmp_path: Path) -> None:
     layout = Layout(task=tmp_path / "nope", opt=tmp_path, tmp=tmp_path)
 

@@ -225,11 +225,10 @@ class Isolation:
             return sorted(set().union(*(_read_pids(cg) for cg in cgroups)))
         found: set[int] = set()
         for pid in list(self._registered):
-            try:
-                root = psutil.Process(pid)
-                found.update(p.pid for p in [root, *root.children(recursive=True)] if _status(p.pid) not in ("Z", None))
-            except psutil.NoSuchProcess:
+            tree = _tree(pid)
+            if not tree:
                 self._registered.discard(pid)
+            found.update(p for p in tree if _status(p) not in ("Z", None))
         return sorted(found)
 
     def peak_memory_bytes(self) -> int:
@@ -256,14 +255,14 @@ class Isolation:
         return self.oom_kill_count() > 0
 
     async def freeze(self, *, wait: bool = False) -> None:
-        """Freeze every process of the environment (cgroup freezer, else SIGSTOP; bounded wait).
+        """Freeze every process of the environment (cgroup freezer, else SIGSTOP).
 
-        The cgroup freezer finishes on its own: unless ``wait``, nothing waits for FROZEN, so a thaw that comes
-        at once (the next invoke) is not held behind it; a THAWED written while still FREEZING undoes it."""
-        if self._freezer is not None:
-            if wait:
-                return await self._set_freezer("FROZEN")
+        Unless ``wait``, nothing waits for the processes to stop (``freeze_at_once``); with ``wait``, a bounded
+        wait until every one has."""
+        if not wait:
             return self.freeze_at_once()
+        if self._freezer is not None:
+            return await self._set_freezer("FROZEN")
         self._frozen = True
 
         def all_stopped() -> bool:  # list again each time: they may have forked meanwhile
@@ -272,14 +271,16 @@ class Isolation:
 
         await _poll(all_stopped, "freeze (SIGSTOP)")
 
-    @property
-    def freezes_at_once(self) -> bool:
-        """Whether ``freeze_at_once`` can be used: the cgroup freezer, which completes a freeze on its own."""
-        return self._freezer is not None
-
     def freeze_at_once(self) -> None:
-        """``freeze()`` with the cgroup freezer, without waiting for anything."""
-        self._write_freezer("FROZEN")
+        """Start freezing every process of the environment; nothing waits for them to stop. The cgroup freezer
+        completes a freeze on its own (a THAWED written while still FREEZING undoes it); without it, SIGSTOP is
+        sent to each process (a SIGCONT sent before it takes effect undoes it), so the next invoke's thaw is
+        never held behind a freeze."""
+        if self._freezer is not None:
+            self._write_freezer("FROZEN")
+            return
+        self._frozen = True
+        self._stopped.update(_kill(signal.SIGSTOP, self.pids()))
 
     def thaw(self) -> None:
         if self._freezer is not None:
@@ -467,6 +468,26 @@ class Isolation:
         if self._hosts_dir is not None:
             shutil.rmtree(self._hosts_dir, ignore_errors=True)
         return problems
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants (none when it is gone), from the kernel's per-thread ``children`` lists: the
+    cost grows with the environment's processes, not with the machine's."""
+    if not os.path.exists(f"/proc/{root}/task/{root}/children"):
+        try:  # a kernel without the lists (or root gone): psutil scans every process
+            parent = psutil.Process(root)
+            return [root, *(p.pid for p in parent.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+    return found
 
 
 def _read_pids(cgroup: Path) -> set[int]:
