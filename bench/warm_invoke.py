@@ -52,8 +52,9 @@ from common import LogTail, ms, percentile
 from lambdabox.api.httpserver import Request, Response, Router, Server
 from lambdabox.core.model import FunctionConfig, LayerConfig
 from lambdabox.core.model import Response as InvokeResponse
-from lambdabox.environment import Environment, Options, open_environment
+from lambdabox.environment import Options, open_environment
 from lambdabox.loop import run as run_loop
+from lambdabox.shell import Environment
 
 BASE_PYTHON = getattr(sys, "_base_executable", "") or sys.executable
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"

@@ -19,7 +19,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from lambdabox.environment import TelemetryEvent
+from lambdabox.report import TelemetryEvent
 from lambdabox.server import Server, ServerSettings, open_server
 from lambdabox.template import load_template
 from support import FIXTURES, PYTHON, Recorder, extension_script

@@ -23,7 +23,7 @@ from lambdabox.core.telemetry import (
     render,
 )
 from lambdabox.delivery import TelemetryHub
-from lambdabox.environment import TelemetryEvent
+from lambdabox.report import TelemetryEvent
 from support import run
 
 T0 = 1_700_000_000.0

@@ -11,7 +11,8 @@ import pytest
 
 from lambdabox.core.errors import ConfigError
 from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
-from lambdabox.environment import InvokeResult, Options, open_environment
+from lambdabox.environment import Options, open_environment
+from lambdabox.report import InvokeResult
 from support import Recorder, make_function, run
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from lambdabox.environment import TelemetryEvent
 from lambdabox.logstore import (
     LogStore,
     StreamRecorder,
@@ -20,6 +19,7 @@ from lambdabox.logstore import (
     group_name,
     open_logged_environment,
 )
+from lambdabox.report import TelemetryEvent
 from server_support import serving, write_template
 from support import make_function, run
 

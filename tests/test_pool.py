@@ -17,8 +17,9 @@ from botocore.exceptions import ClientError
 from lambdabox.core import facts as mark
 from lambdabox.core.batching import Backoff
 from lambdabox.core.model import LambdaFailure, Response
-from lambdabox.environment import Options, TelemetryEvent
+from lambdabox.environment import Options
 from lambdabox.pool import Capacity, Pool, Ran
+from lambdabox.report import TelemetryEvent
 from server_support import Events, Served, serving, write_template
 from support import extension_script, make_function, run
 

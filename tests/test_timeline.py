@@ -28,11 +28,13 @@ from lambdabox.core.facts import (
     ShutdownRequested,
     Timer,
 )
-from lambdabox.core.lifecycle import Lifecycle, Settings
+from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionConfig
+from lambdabox.core.state import Settings
 from lambdabox.core.telemetry import parse_telemetry_subscription
 from lambdabox.delivery import TelemetryHub
-from lambdabox.environment import InvokeResult, Options, TelemetryEvent, open_environment
+from lambdabox.environment import Options, open_environment
+from lambdabox.report import InvokeResult, TelemetryEvent
 from lambdabox.timeline import AFTER, PLATFORM, RUNTIME, RUNTIME_INIT, Section, Timeline, render_html
 from support import FIXTURES, PYTHON, Recorder, collector, extension_script, make_function, run
 

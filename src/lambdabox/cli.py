@@ -18,11 +18,12 @@ import click
 from lambdabox.console import Console
 from lambdabox.core.errors import ConfigError, LambdaboxError
 from lambdabox.core.model import FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
-from lambdabox.environment import Observer, Options
+from lambdabox.environment import Options
 from lambdabox.logs_cli import logs
 from lambdabox.logstore import LogStore, open_logged_environment
 from lambdabox.loop import run as run_loop
 from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
+from lambdabox.report import Observer
 from lambdabox.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
 from lambdabox.template import Template, load_template
 from lambdabox.timeline import Timeline, render_html

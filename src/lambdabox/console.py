@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from lambdabox.environment import TelemetryEvent
+from lambdabox.report import TelemetryEvent
 
 
 def _ms(value: float) -> str:

@@ -21,7 +21,9 @@ from typing import BinaryIO
 
 from lambdabox.console import format_event
 from lambdabox.core.model import FunctionConfig
-from lambdabox.environment import Environment, Observer, Options, TelemetryEvent, open_environment
+from lambdabox.environment import Options, open_environment
+from lambdabox.report import Observer, TelemetryEvent
+from lambdabox.shell import Environment
 
 ENV_VAR = "LAMBDABOX_LOG_DIR"
 DEFAULT_ROOT = Path(".lambdabox") / "logs"

@@ -19,11 +19,13 @@ from lambdabox.api.httpserver import Router
 from lambdabox.api.httpserver import Server as HttpServer
 from lambdabox.api.invoke import Answer, function_name
 from lambdabox.asyncinvoke import EventQueue
-from lambdabox.core.lifecycle import INIT_TIMEOUT_S
 from lambdabox.core.model import FunctionConfig, Outcome
-from lambdabox.environment import SHUTDOWN_SLACK_S, Observer, Options
+from lambdabox.core.state import INIT_TIMEOUT_S
+from lambdabox.environment import Options
 from lambdabox.logstore import LogStore
 from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, Capacity, Pool, Ran, default_max_concurrency
+from lambdabox.report import Observer
+from lambdabox.shell import SHUTDOWN_SLACK_S
 from lambdabox.template import Template
 
 DEFAULT_PORT = 3001  # as `sam local start-lambda`

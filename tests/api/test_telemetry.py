@@ -16,7 +16,7 @@ from lambdabox.api.httpserver import Router, Server
 from lambdabox.core.errors import ApiError
 from lambdabox.core.telemetry import Subscription
 from lambdabox.delivery import TelemetryHub
-from lambdabox.environment import TelemetryEvent
+from lambdabox.report import TelemetryEvent
 from support import run
 
 T0 = 1_700_000_000.0

@@ -34,8 +34,9 @@ from lambdabox.core.facts import (
     TerminateRuntime,
     Timer,
 )
-from lambdabox.core.lifecycle import Lifecycle, Phase, Settings
+from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import LambdaFailure, Response
+from lambdabox.core.state import Phase, Settings
 
 ARN = "arn:aws:lambda:us-east-1:123456789012:function:fn:live"
 BOTH = ("INVOKE", "SHUTDOWN")

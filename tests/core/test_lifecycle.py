@@ -41,8 +41,9 @@ from lambdabox.core.facts import (
     Thaw,
     Timer,
 )
-from lambdabox.core.lifecycle import Lifecycle, Phase, Settings, billed_ms, exit_description
+from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
+from lambdabox.core.state import Phase, Settings
 
 ARN = "arn:aws:lambda:us-east-1:123456789012:function:fn"
 
@@ -729,26 +730,7 @@ def test_freeze_on_freezes_between_invokes() -> None:
     assert labels([c for c in env.history if isinstance(c, Freeze | Thaw)]) == ["Freeze", "Thaw", "Freeze"]
 
 
-# ---- small pure helpers --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("returncode", "text"),
-    [
-        (0, "exit status 0"),
-        (1, "exit status 1"),
-        (-9, "signal: killed"),
-        (-15, "signal: terminated"),
-        (-7, "signal: 7"),
-    ],
-)
-def test_exit_description(returncode: int, text: str) -> None:
-    assert exit_description(returncode) == text
-
-
-@pytest.mark.parametrize(("duration", "billed"), [(0.0, 1), (0.2, 1), (1.0, 1), (1.001, 2), (250.5, 251)])
-def test_billed_ms_rounds_up_to_whole_milliseconds(duration: float, billed: int) -> None:
-    assert billed_ms(duration) == billed
+# ---- resets, inits ahead of demand, faults -------------------------------------------------------------------------
 
 
 def test_an_invoke_that_arrives_during_a_reset_waits_for_it_and_starts_the_next_init() -> None:

@@ -25,7 +25,8 @@ from lambdabox.core.facts import (
     ShutdownRequested,
     Timer,
 )
-from lambdabox.core.lifecycle import Lifecycle, Settings
+from lambdabox.core.lifecycle import Lifecycle
+from lambdabox.core.state import Settings
 
 T0 = 1_700_000_000.0  # steps are multiples of 1/8 s: every sum below is exact in binary
 RUNTIME = {"process": "runtime"}

@@ -14,7 +14,9 @@ from typing import Any
 from aiohttp import web
 
 from lambdabox.core.model import Response
-from lambdabox.environment import Environment, InvokeResult, Options, TelemetryEvent, open_environment
+from lambdabox.environment import Options, open_environment
+from lambdabox.report import InvokeResult, TelemetryEvent
+from lambdabox.shell import Environment
 from lambdabox.template import load_template
 from support import run
 

@@ -22,7 +22,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from lambdabox.core.model import Response
-from lambdabox.environment import InvokeResult, Options, open_environment
+from lambdabox.environment import Options, open_environment
+from lambdabox.report import InvokeResult
 from lambdabox.template import load_template
 from support import Recorder, run
 

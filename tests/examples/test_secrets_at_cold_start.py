@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from lambdabox.core.model import LambdaFailure, Response
-from lambdabox.environment import InvokeResult, Options, open_environment
+from lambdabox.environment import Options, open_environment
+from lambdabox.report import InvokeResult
 from lambdabox.template import load_template
 from support import Recorder, run
 

@@ -17,8 +17,11 @@ import pytest
 
 from lambdabox.core.errors import SandboxError
 from lambdabox.loop import run as run_loop
-from lambdabox.sandbox import isolation
-from lambdabox.sandbox.isolation import CGROUP_ROOT, Isolation, Layout, open_isolation
+from lambdabox.sandbox import cgroups as cgroups_module
+from lambdabox.sandbox import isolation, namespace
+from lambdabox.sandbox.cgroups import CGROUP_ROOT
+from lambdabox.sandbox.isolation import Isolation, open_isolation
+from lambdabox.sandbox.namespace import Layout
 from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.processes import OwnedProcess
 
@@ -197,10 +200,10 @@ def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
             proc = await spawn(iso, "import time; print('up', flush=True); time.sleep(600)", records)
             await poll_until(lambda: "up" in records)
             assert iso.pids() == [proc.pid]
-            cgroups = [c for c in (iso._memory, iso._freezer) if c is not None]
+            cgroups = [c for c in (iso._cgroups.memory, iso._cgroups.freezer) if c is not None]
             assert len(cgroups) == 2 and all(c.is_dir() for c in cgroups)
-            assert iso._holder is not None and iso.net_namespace is not None
-            holder, hosts, net = iso._holder.pid, iso._hosts_dir, os.stat(iso.net_namespace).st_ino
+            assert iso._namespace.holder is not None and iso.net_namespace is not None
+            holder, hosts, net = iso._namespace.holder.pid, iso._namespace.hosts_dir, os.stat(iso.net_namespace).st_ino
             left = iso.pids()
         await proc.wait_exit()  # killed by the teardown
         return cgroups, holder, left, hosts, net
@@ -222,8 +225,8 @@ def test_teardown_also_when_the_body_raises(tmp_path: Path) -> None:
         procs: list[OwnedProcess] = []
         try:
             async with open_isolation(make_layout(tmp_path), memory_mb=128, name="raise") as iso:
-                assert iso._memory is not None
-                seen.append(iso._memory)
+                assert iso._cgroups.memory is not None
+                seen.append(iso._cgroups.memory)
                 procs.append(await spawn(iso, "import time; time.sleep(600)", []))
                 raise RuntimeError("boom")
         finally:
@@ -326,7 +329,7 @@ def test_missing_layout_dir_is_refused(tmp_path: Path) -> None:
 def test_namespace_without_cgroups_degrades_only_the_accounting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(isolation, "CGROUP_ROOT", tmp_path / "no-cgroups")
+    monkeypatch.setattr(cgroups_module, "CGROUP_ROOT", tmp_path / "no-cgroups")
     layout = make_layout(tmp_path / "env")
 
     async def body() -> tuple[tuple[str, ...], list[str], tuple[int, int, int]]:
@@ -346,7 +349,7 @@ def test_namespace_without_cgroups_degrades_only_the_accounting(
 
 @needs_full
 def test_cgroups_without_namespace_when_the_holder_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(isolation, "_holder_script", lambda *_: "echo 'mount: permission denied' >&2; exit 1")
+    monkeypatch.setattr(namespace, "_holder_script", lambda *_: "echo 'mount: permission denied' >&2; exit 1")
     layout = make_layout(tmp_path)
 
     async def body() -> tuple[tuple[str, ...], list[int], int, list[str]]:
@@ -416,12 +419,12 @@ def test_network_false_keeps_the_host_network_and_says_so(tmp_path: Path) -> Non
 def test_a_network_namespace_that_fails_leaves_the_mount_namespace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = isolation._holder_script
+    real = namespace._holder_script
 
     def no_net(layout: Layout, hosts: Path, ip: str | None = None) -> str:
         return "echo 'ip: cannot bring lo up' >&2; exit 1" if ip else real(layout, hosts, ip)
 
-    monkeypatch.setattr(isolation, "_holder_script", no_net)
+    monkeypatch.setattr(namespace, "_holder_script", no_net)
 
     async def body() -> tuple[tuple[str, ...], list[str], str | None]:
         async with open_isolation(make_layout(tmp_path), memory_mb=128, name="netfail") as iso:

@@ -197,7 +197,7 @@ def dropped_record(records: int, nbytes: int) -> dict[str, Any]:
 
 
 class EventLike(Protocol):
-    """What the environment emits (``environment.TelemetryEvent``): epoch seconds, a type, and the record."""
+    """What the environment emits (``report.TelemetryEvent``): epoch seconds, a type, and the record."""
 
     @property
     def time(self) -> float: ...
