@@ -165,15 +165,17 @@ class TelemetryHub:
         """Before the environment freezes: start no delivery until :meth:`resume`, and return once those under way
         are over (each is bounded by the request timeout), so no request is left waiting on a frozen listener.
         Records keep buffering; as in Lambda, they reach the subscriber after the next thaw."""
-        self.thawed.clear()
+        self.hold()
         await asyncio.gather(*(s.wait_idle() for s in self._subscribers.values()))
 
-    def pause_at_once(self) -> bool:
-        """:meth:`pause` when it has nothing to wait for (no subscriber); False (and nothing done) otherwise."""
-        if self._subscribers:
-            return False
+    def hold(self) -> None:
+        """Start no delivery until :meth:`resume` (what :meth:`pause` does before it waits)."""
         self.thawed.clear()
-        return True
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether any extension subscribed (else :meth:`pause` has nothing to wait for)."""
+        return bool(self._subscribers)
 
     def resume(self) -> None:
         """After the environment thaws: deliveries go on."""

@@ -240,7 +240,7 @@ class Environment:
             case f.DeliverExtensionEvent(event=event):
                 return bool(event["eventType"] != "SHUTDOWN")  # SHUTDOWN waits for the telemetry flush first
             case f.Freeze():
-                return self.hub.pause_at_once()
+                return not self.hub.subscribed
         return True
 
     async def _execute(self, command: f.Command) -> None:
@@ -285,7 +285,8 @@ class Environment:
             case f.Kill():
                 for process in self._doomed:
                     process.signal(signal.SIGKILL)
-            case f.Freeze():  # nothing to pause
+            case f.Freeze():  # no subscriber: no delivery to wait for
+                self.hub.hold()
                 self._isolation.freeze_at_once()
             case f.Thaw():
                 self._isolation.thaw()
