@@ -209,7 +209,7 @@ class Environment:
                 try:
                     self._execute_now(command)
                 except Exception as error:
-                    self._log("lambdabox", f"lambdabox: {type(command).__name__} failed: {error!r}")
+                    self._failed(command, error)
         finally:
             self._draining = False
 
@@ -229,8 +229,12 @@ class Environment:
                     else:
                         await self._execute(command)
                 except Exception as error:
-                    self._log("lambdabox", f"lambdabox: {type(command).__name__} failed: {error!r}")
+                    self._failed(command, error)
             self._settled.set()
+
+    def _failed(self, command: f.Command, error: Exception) -> None:
+        """A command that could not be carried out: said in the environment's log; the next ones go on."""
+        self._log("lambdabox", f"lambdabox: {type(command).__name__} failed: {error!r}")
 
     def _immediate(self, command: f.Command) -> bool:
         """Whether the command is carried out without waiting for anything."""
