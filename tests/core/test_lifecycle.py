@@ -768,6 +768,22 @@ def test_an_init_ahead_of_demand_is_not_reported_on_the_first_invoke() -> None:
     assert one(commands, FinishInvoke).init_duration_ms is None
 
 
+def test_an_init_an_invoke_waits_for_is_reported_even_in_a_provisioned_environment() -> None:
+    env = Env()
+    env.do(InitRequested("provisioned-concurrency"))
+    env.at(0.5).do(RuntimeRequestedNext())
+    env.at(10.0).do(InvokeRequested(invoke("req-1")))
+    commands = env.at(10.25).do(ProcessExited(None, 1))  # the runtime crashes: the environment is reset
+    assert one(commands, FinishInvoke).init_duration_ms is None  # its init was ahead of demand
+    assert env.phase is Phase.UNINITIALIZED
+    commands = env.at(20.0).do(InvokeRequested(invoke("req-2")))  # so this invoke waits for a new init
+    assert record(commands, "platform.initStart")["initializationType"] == "provisioned-concurrency"
+    env.at(20.3).do(RuntimeRequestedNext())
+    env.respond("req-2")
+    commands = env.at(20.5).do(RuntimeRequestedNext())
+    assert one(commands, FinishInvoke).init_duration_ms == pytest.approx(300.0)
+
+
 def test_a_crash_during_an_invoke_is_a_platform_fault_but_a_timeout_is_not() -> None:
     env = Env()
     env.cold_invoke()

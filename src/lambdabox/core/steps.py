@@ -105,8 +105,10 @@ class Steps:
             return
         self._cmds.append(CancelTimer(Timer.INIT))
         duration = ms(now - self._init_started_at)
-        # REPORT shows Init Duration only when the init was part of the invoke's cold start (on demand).
-        self._init_duration_ms = duration if self._init_type == "on-demand" else None
+        # REPORT shows Init Duration when the init was part of an invoke's cold start: on demand, or an init an invoke
+        # waited for (in a provisioned environment too, after a reset); not an init ahead of demand.
+        on_demand = self._init_type == "on-demand" or self._pending is not None
+        self._init_duration_ms = duration if on_demand else None
         common = {"initializationType": self._init_type, "phase": "init", "status": "success"}
         self._emit(now, "platform.initRuntimeDone", **common)
         self._emit(now, "platform.initReport", **common, metrics={"durationMs": duration})
