@@ -20,6 +20,7 @@ from lambdabox.core.model import LambdaFailure, Response
 from lambdabox.environment import Options
 from lambdabox.pool import Capacity, Pool, Ran
 from lambdabox.report import TelemetryEvent
+from lambdabox.timeline import Timeline
 from server_support import Events, Served, serving, write_template
 from support import extension_script, make_function, run
 
@@ -366,3 +367,28 @@ def test_close_cancels_a_replacement_that_is_not_due_yet(tmp_path: Path) -> None
         assert events.count("platform.initStart") == 1 and len(problems.seen) == 1
 
     run(main())
+
+
+def test_each_environment_gets_observers_of_its_own(tmp_path: Path) -> None:
+    config = make_function(tmp_path, "handler.sleep")
+    timelines: list[Timeline] = []
+
+    def own() -> list[Timeline]:
+        timelines.append(Timeline(f"environment {len(timelines) + 1}"))
+        return [timelines[-1]]
+
+    async def main() -> list[Ran]:
+        pool = Pool(config, Capacity(10), environment_observers=own)
+        try:
+            return list(await asyncio.gather(run_once(pool, {"seconds": 0.5}), run_once(pool, {"seconds": 0.5})))
+        finally:
+            await pool.close()
+
+    ran = run(main())
+    assert len(timelines) == 2  # two invokes at once: two environments, a timeline each
+    seen = []
+    for timeline in timelines:
+        assert [s.phase for s in timeline.sections] == ["init", "invoke", "shutdown"]
+        assert {s.environment for s in timeline.sections} == {timeline.environment}
+        seen.append(timeline.sections[1].request_id)
+    assert sorted(seen) == sorted(r.result.request_id for r in ran)  # each invoke in its own environment's timeline

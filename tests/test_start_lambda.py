@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -85,7 +86,8 @@ def start_lambda(template: Path, *args: str) -> Iterator[tuple[subprocess.Popen[
 
 def test_the_aws_cli_and_boto3_then_sigterm_lets_the_invoke_finish_and_shuts_down(tmp_path: Path) -> None:
     template = write_template(tmp_path, FUNCTIONS, extension=True)
-    with start_lambda(template, "--retry-delay-scale", "0.01") as (process, url, out, err):
+    page = tmp_path / "timeline.html"
+    with start_lambda(template, "--retry-delay-scale", "0.01", "--timeline", str(page)) as (process, url, out, err):
         assert urlsplit(url).hostname == "127.0.0.1"  # loopback unless told otherwise
         assert str(tmp_path / ".lambdabox" / "destinations.jsonl") in out.wait_for("asynchronous destinations")
 
@@ -127,6 +129,15 @@ def test_the_aws_cli_and_boto3_then_sigterm_lets_the_invoke_finish_and_shuts_dow
         with socket.socket() as probe:
             address = urlsplit(url)
             assert probe.connect_ex((address.hostname or "", address.port or 0)) != 0  # no longer listening
+    # --timeline: each environment's Init, invokes and shutdown, in sections named after their environment
+    headings = re.findall(r"<h2>(.*?)</h2>", page.read_text())
+    assert "lambdabox timeline: start-lambda (Echo, Busy, Fail)" in page.read_text()
+    for function in ("Echo", "Busy", "Fail"):
+        mine = [h for h in headings if h.startswith(f"{function} environment 1: ")]
+        assert [h.split(": ", 1)[1].split(" ")[0] for h in mine][:2] == ["Init", "Invoke"], headings
+        assert mine[-1].startswith(f"{function} environment 1: Shutdown (spindown)"), headings
+    invokes = [h for h in headings if ": Invoke " in h]
+    assert len(invokes) >= 3 and all(re.search(r": Invoke \d+ <code>[0-9a-f-]{36}</code>$", h) for h in invokes)
 
 
 def test_sigint_on_an_idle_server_exits_0(tmp_path: Path) -> None:

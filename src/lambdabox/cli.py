@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
 from lambdabox.report import Observer
 from lambdabox.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
 from lambdabox.template import Template, load_template
-from lambdabox.timeline import Timeline, render_html
+from lambdabox.timeline import Section, Timeline, render_html
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,6 +77,17 @@ def main() -> None:
     """Run AWS Lambda functions and Lambda extensions locally, as the Lambda service runs them."""
 
 
+timeline_option = click.option(
+    "--timeline",
+    "timeline_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    metavar="FILE.html",
+    help="Write a self-contained HTML page with the timeline of every Init, invoke and shutdown of the run (of every "
+    "environment): one row per process, one bar per phase, hover for exact figures.",
+)
+
+
 @main.command()
 @click.argument("function", required=False)
 @template_option
@@ -88,15 +100,7 @@ def main() -> None:
     help="Invoke N times in the same warm environment.",
 )
 @environment_options
-@click.option(
-    "--timeline",
-    "timeline_path",
-    type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    default=None,
-    metavar="FILE.html",
-    help="Write a self-contained HTML page with the timeline of the Init, every invoke and the shutdown: "
-    "one row per process, one bar per phase, hover for exact figures.",
-)
+@timeline_option
 @click.option(
     "--timeline-console/--no-timeline-console",
     default=True,
@@ -133,7 +137,7 @@ def invoke(
     except LambdaboxError as error:
         raise click.ClickException(str(error)) from error
     if timeline is not None and timeline_path is not None:
-        _write_timeline(timeline_path, timeline, config.function_name)
+        _write_timeline(timeline_path, timeline.sections, config.function_name)
     sys.exit(0 if ok else 1)
 
 
@@ -177,9 +181,9 @@ async def _invoke(
     return ok
 
 
-def _write_timeline(path: Path, timeline: Timeline, function_name: str) -> None:
+def _write_timeline(path: Path, sections: list[Section], what: str) -> None:
     try:
-        path.write_text(render_html(timeline.sections, f"lambdabox timeline: {function_name}"), encoding="utf-8")
+        path.write_text(render_html(sections, f"lambdabox timeline: {what}"), encoding="utf-8")
     except OSError as error:
         raise click.ClickException(f"--timeline: cannot write {path}: {error}") from error
     click.echo(f"lambdabox: timeline written to {path}", err=True)
@@ -225,6 +229,7 @@ def _write_timeline(path: Path, timeline: Timeline, function_name: str) -> None:
     help="JSON lines file for asynchronous destinations that are not functions of the template (SQS, SNS, ...).",
 )
 @environment_options
+@timeline_option
 def start_lambda(
     template_path: Path,
     host: str,
@@ -237,6 +242,7 @@ def start_lambda(
     isolate: bool,
     private_network: bool,
     parameter_overrides: tuple[str, ...],
+    timeline_path: Path | None,
 ) -> None:
     """Serve the Lambda Invoke API for every function of the template, for boto3, the AWS CLI and the SDKs.
 
@@ -255,18 +261,38 @@ def start_lambda(
         environment=Options(freeze=freeze, isolate=isolate, private_network=private_network),
         logs=LogStore(),
     )
+    timelines: list[Timeline] = []
     try:
-        run_loop(_serve(template, host, port, settings))
+        run_loop(_serve(template, host, port, settings, timelines if timeline_path else None))
     except (LambdaboxError, OSError) as error:
         raise click.ClickException(str(error)) from error
+    finally:
+        if timeline_path is not None:
+            sections = sorted((s for t in timelines for s in t.sections), key=lambda s: s.start)
+            _write_timeline(timeline_path, sections, f"start-lambda ({', '.join(template.functions)})")
 
 
-async def _serve(template: Template, host: str, port: int, settings: ServerSettings) -> None:
+async def _serve(
+    template: Template, host: str, port: int, settings: ServerSettings, timelines: list[Timeline] | None = None
+) -> None:
+    """Serve until SIGINT or SIGTERM; with ``timelines``, a Timeline observes each environment and is added to it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with open_server(template, host, port, settings, [Console()]) as server:
+
+    started: Counter[str] = Counter()  # environments per function
+
+    def environment_observers(config: FunctionConfig) -> list[Observer]:
+        if timelines is None:
+            return []
+        started[config.logical_id] += 1
+        timelines.append(Timeline(f"{config.logical_id} environment {started[config.logical_id]}"))
+        return [timelines[-1]]
+
+    async with open_server(
+        template, host, port, settings, [Console()], environment_observers=environment_observers
+    ) as server:
         names = ", ".join(template.functions)
         click.echo(f"lambdabox: serving the Lambda Invoke API on {server.url} (functions: {names})")
         click.echo(f"lambdabox: records for asynchronous destinations outside the template go to {server.destinations}")

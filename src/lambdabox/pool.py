@@ -194,13 +194,15 @@ class Pool:
         on_problem: Callable[[str], None] = lambda text: None,
         log_store: LogStore | None = None,
         provisioned_backoff: Backoff = REPLACEMENT_BACKOFF,
+        environment_observers: Callable[[], Iterable[Observer]] = tuple,
     ) -> None:
         self.config = config
         self.log_store = log_store  # where each environment's log lines are kept (none: nowhere)
         self.capacity = capacity
         self.options = dataclasses.replace(options or Options(), initialization_type="on-demand")
         self.keep_alive_s = keep_alive_s
-        self.observers = list(observers)
+        self.observers = list(observers)  # observe every environment of the pool
+        self.environment_observers = environment_observers  # called for each new environment: observers of its own
         self.on_problem = on_problem
         self.busy = 0
         self._idle: list[_Slot] = []  # the most recently used last
@@ -329,7 +331,8 @@ class Pool:
         return slot
 
     def _new_slot(self, options: Options) -> _Slot:
-        slot = _Slot(self.config, options, self.observers, self.log_store, self._reset)
+        observers = [*self.observers, *self.environment_observers()]
+        slot = _Slot(self.config, options, observers, self.log_store, self._reset)
         self._slots.add(slot)
         return slot
 

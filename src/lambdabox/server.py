@@ -5,6 +5,7 @@ and a queue of asynchronous invokes, and the file where records for destinations
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 import uuid
@@ -55,6 +56,7 @@ class Server:
         settings: ServerSettings,
         observers: Iterable[Observer] = (),
         report: Callable[[str], None] = _to_stderr,
+        environment_observers: Callable[[FunctionConfig], Iterable[Observer]] = lambda config: (),
     ) -> None:
         self.template = template
         self.settings = settings
@@ -70,6 +72,7 @@ class Server:
                 observers=observers,
                 on_problem=self.report,
                 log_store=settings.logs,
+                environment_observers=functools.partial(environment_observers, config),
             )
             for name, config in template.functions.items()
         }
@@ -217,13 +220,16 @@ async def open_server(
     settings: ServerSettings | None = None,
     observers: Iterable[Observer] = (),
     report: Callable[[str], None] = _to_stderr,
+    environment_observers: Callable[[FunctionConfig], Iterable[Observer]] = lambda config: (),
 ) -> AsyncIterator[Server]:
     """Serve the Invoke API for every function of ``template`` (port 0: any free port; see ``Server.address``).
 
+    ``observers`` observe every environment; ``environment_observers(config)`` is called as each environment of a
+    function starts, for observers of that environment alone (a ``Timeline`` each, for example).
     On exit: stop accepting, let the requests and invokes in flight finish within their deadlines, shut every
     environment down as Lambda does (SHUTDOWN ``spindown``).
     """
-    server = Server(template, settings or ServerSettings(), observers, report)
+    server = Server(template, settings or ServerSettings(), observers, report, environment_observers)
     router = Router()
     invoke_api.add_routes(router, server)
     http = HttpServer(router)

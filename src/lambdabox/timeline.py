@@ -64,6 +64,7 @@ class Section:
     status: str = "success"
     spans: list[Span] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)  # platform.report's metrics, for an invoke
+    environment: str = ""  # which environment, where a page shows several
 
     @property
     def ms(self) -> float:
@@ -99,7 +100,8 @@ def _status(record: dict[str, Any]) -> str:
 class Timeline:
     """An observer (``Environment`` observers list); ``sections`` fill up as the environment runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, environment: str = "") -> None:
+        self.environment = environment  # names this environment's sections, where a page shows several
         self.sections: list[Section] = []
         self._current: Section | None = None
         self._open: dict[str, tuple[float, str, str]] = {}  # row -> (start, label, kind) of a span still running
@@ -118,6 +120,7 @@ class Timeline:
     def _begin(self, section: Section) -> None:
         if self._current is not None:
             self._end(section.start)
+        section.environment = self.environment
         self.sections.append(section)
         self._current = section
         self._response_at = None
@@ -374,9 +377,10 @@ def render_html(sections: list[Section], title: str = "lambdabox timeline") -> s
 
 
 def _heading(section: Section) -> str:
+    where = f"{escape(section.environment)}: " if section.environment else ""
     if section.phase == "invoke":
-        return f"Invoke {section.number} <code>{escape(section.request_id or '')}</code>"
-    return f"{section.phase.capitalize()} ({escape(section.detail)})"
+        return f"{where}Invoke {section.number} <code>{escape(section.request_id or '')}</code>"
+    return f"{where}{section.phase.capitalize()} ({escape(section.detail)})"
 
 
 def _warning(name: str, ms: float) -> str:
