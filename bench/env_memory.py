@@ -8,7 +8,7 @@ environments, this script sends N concurrent invokes that sleep 0.5 s (each on i
 connection): an invoke that finds no idle environment starts one, so the pool grows to N (it is checked; if a
 sleep ended before the last environment started, the invokes are sent again with a longer sleep). Once every
 environment is idle (the pool says so), and a second more, the RSS of the server process (psutil; the runtimes
-and namespace holders are other processes and are not in it) is sampled five times, 0.1 s apart: the median.
+are other processes and are not in it) is sampled five times, 0.1 s apart: the median.
 Steps: no environment, 1, 5, 20, in that order, in one server process.
 
 Figures: the RSS at each step; per extra environment = (RSS with 20 - RSS with 1) / 19 (the target: under 5 MB);
@@ -19,9 +19,10 @@ The floor, measured in the same run: the RSS of that same process with the serve
 listening, the pool and queue of the function made) and no environment.
 
 Also given, for information: the environments' own memory, outside lambdabox's process: the runtimes (the
-``awslambdaric`` interpreters started through ``python_bootstrap.py``) and the helpers (each environment's
-namespace holder, a ``cat`` waiting on its stdin), as RSS, PSS and USS per environment (RSS counts the shared
-interpreter pages in every process; PSS shares them out; USS is what one more process costs, at least).
+``awslambdaric`` interpreters started through ``python_bootstrap.py``) and any other helper process (there is
+none: the namespaces are held by descriptors of the server's own), as RSS, PSS and USS per environment (RSS
+counts the shared interpreter pages in every process; PSS shares them out; USS is what one more process costs,
+at least).
 
 Memory does not depend on the load on the machine as much as time does, so there is no interleaving here; run the
 script twice to see the spread.
@@ -134,7 +135,7 @@ def rss_sample(pid: int) -> tuple[int, int]:
 
 
 def environments_memory(pid: int) -> dict[str, list[int]]:
-    """RSS, PSS and USS of the server's descendants, as runtimes and helpers (namespace holders and the like)."""
+    """RSS, PSS and USS of the server's descendants, as runtimes and other helpers."""
     found: dict[str, list[int]] = {"runtimes": [0, 0, 0, 0], "helpers": [0, 0, 0, 0]}  # count, rss, pss, uss
     for proc in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):

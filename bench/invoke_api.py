@@ -30,7 +30,7 @@ Also given, for information, from one thread:
   cgroup freezer only completes once the runtime gets a core), which the back-to-back rows do not show.
 
 And the CPU time per request of each process (psutil, over the measured blocks): lambdabox's server process, its
-runtimes (and namespace holders), the floor server and the load generator; how busy the server process was (it is
+runtimes, the floor server and the load generator; how busy the server process was (it is
 one Python thread: at 100 % it is the bound); and how many of the machine's cores were busy (all processes, from
 ``/proc/stat``), which tells when a case is bounded by CPU rather than by waiting, and how much other work ran.
 
@@ -428,7 +428,7 @@ class Case:
     times: list[float] = field(default_factory=list)
     wall: float = 0.0
     server_cpu: float = 0.0  # the server process under test
-    runtimes_cpu: float = 0.0  # its descendants (lambdabox: the runtimes and namespace holders)
+    runtimes_cpu: float = 0.0  # its descendants (lambdabox: the runtimes)
     loadgen_cpu: float = 0.0
     machine_cpu: float = 0.0
     errors: int = 0

@@ -4,6 +4,7 @@ peak, OOM, freezer), teardown, and the degraded mode."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -194,7 +195,7 @@ def test_freeze_stops_a_counting_child_and_thaw_resumes_it(tmp_path: Path) -> No
 
 @needs_full
 def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
-    async def body() -> tuple[list[Path], int, list[int], Path | None, int]:
+    async def body() -> tuple[list[Path], list[int], Path | None, int, int]:
         async with open_isolation(make_layout(tmp_path), memory_mb=128, name="gone") as iso:
             records: list[str] = []
             proc = await spawn(iso, "import time; print('up', flush=True); time.sleep(600)", records)
@@ -202,16 +203,18 @@ def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
             assert iso.pids() == [proc.pid]
             cgroups = [c for c in (iso._cgroups.memory, iso._cgroups.freezer) if c is not None]
             assert len(cgroups) == 2 and all(c.is_dir() for c in cgroups)
-            assert iso._namespace.holder is not None and iso.net_namespace is not None
-            holder, hosts, net = iso._namespace.holder.pid, iso._namespace.hosts_dir, os.stat(iso.net_namespace).st_ino
+            mnt = iso._namespace.mnt_path
+            assert mnt is not None and iso.net_namespace is not None
+            hosts, net, mnt_ino = iso._namespace.hosts_dir, os.stat(iso.net_namespace).st_ino, os.stat(mnt).st_ino
             left = iso.pids()
         await proc.wait_exit()  # killed by the teardown
-        return cgroups, holder, left, hosts, net
+        return cgroups, left, hosts, net, mnt_ino
 
-    cgroups, holder, left, hosts, net = run(body())
-    assert not [t for t in Path("/proc").glob("[0-9]*/task/*/ns/net") if _inode(t) == net]  # the namespace is gone
+    cgroups, left, hosts, net, mnt = run(body())
+    for ino in (net, mnt):  # no process is in the namespaces and no descriptor holds them: they are gone
+        assert not [t for t in Path("/proc").glob("[0-9]*/task/*/ns/*") if _inode(t) == ino]
+        assert not [f for f in Path(f"/proc/{os.getpid()}/fd").iterdir() if _inode(f) == ino]
     assert not any(c.exists() for c in cgroups)
-    assert not psutil.pid_exists(holder)
     assert all(not psutil.pid_exists(p) for p in left)
     assert hosts is not None and not hosts.exists()
     assert not [d for d in (CGROUP_ROOT / "memory").iterdir() if d.name.startswith("lambdabox-gone-")]
@@ -348,8 +351,13 @@ def test_namespace_without_cgroups_degrades_only_the_accounting(
 
 
 @needs_full
-def test_cgroups_without_namespace_when_the_holder_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(namespace, "_holder_script", lambda *_: "echo 'mount: permission denied' >&2; exit 1")
+def test_cgroups_without_namespace_when_the_namespace_setup_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*_: object) -> None:
+        raise OSError(errno.EPERM, "mount /var/task: Operation not permitted")
+
+    monkeypatch.setattr(namespace, "_enter_and_mount", refused)
     layout = make_layout(tmp_path)
 
     async def body() -> tuple[tuple[str, ...], list[int], int, list[str]]:
@@ -362,8 +370,8 @@ def test_cgroups_without_namespace_when_the_holder_fails(tmp_path: Path, monkeyp
             return iso.degraded, pids, await proc.wait_exit(), records
 
     degraded, pids, rc, records = run(body())
-    assert "no mount namespace (namespace setup failed: mount: permission denied)" in degraded[0]
-    assert "no network namespace (namespace setup failed: mount: permission denied)" in degraded[-1]
+    assert "no mount namespace (namespace setup failed: mount /var/task: Operation not permitted)" in degraded[0]
+    assert "no network namespace (namespace setup failed: mount /var/task: Operation not permitted)" in degraded[-1]
     assert not any("memory limit" in d for d in degraded)
     assert len(pids) == 1
     assert rc == -signal.SIGKILL
@@ -419,12 +427,13 @@ def test_network_false_keeps_the_host_network_and_says_so(tmp_path: Path) -> Non
 def test_a_network_namespace_that_fails_leaves_the_mount_namespace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = namespace._holder_script
+    real = namespace._loopback_up
 
-    def no_net(layout: Layout, hosts: Path, ip: str | None = None) -> str:
-        return "echo 'ip: cannot bring lo up' >&2; exit 1" if ip else real(layout, hosts, ip)
+    def no_lo() -> None:
+        real()  # lo is up in this thread's new network namespace, then it fails all the same
+        raise OSError(errno.EPERM, "cannot bring lo up")
 
-    monkeypatch.setattr(namespace, "_holder_script", no_net)
+    monkeypatch.setattr(namespace, "_loopback_up", no_lo)
 
     async def body() -> tuple[tuple[str, ...], list[str], str | None]:
         async with open_isolation(make_layout(tmp_path), memory_mb=128, name="netfail") as iso:
@@ -436,6 +445,6 @@ def test_a_network_namespace_that_fails_leaves_the_mount_namespace(
     degraded, records, net = run(body())
     assert records == ["['handler.py']"] and net is None
     assert degraded == (
-        "no network namespace (namespace setup failed: ip: cannot bring lo up): the Runtime API is at a port of its "
+        "no network namespace (namespace setup failed: cannot bring lo up): the Runtime API is at a port of its "
         "own on 127.0.0.1, not 127.0.0.1:9001, and extensions share the host's ports",
     )

@@ -66,9 +66,7 @@ class Isolation:
     @property
     def net_namespace(self) -> str | None:
         """The environment's network namespace (a path to open, as ``/proc/<pid>/ns/net``), None without one."""
-        if self._namespace.holder is None or self._namespace.net_why is not None:
-            return None
-        return f"/proc/{self._namespace.holder.pid}/ns/net"
+        return self._namespace.net_path
 
     def command(self, argv: Sequence[str], *, cwd: str = "/var/task") -> list[str]:
         """The argv to spawn so that the process (and every child it makes) runs in the environment.
@@ -78,8 +76,8 @@ class Isolation:
         """
         steps = [f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}" for cg in self._cgroups.paths()]
         prefix: list[str] = []
-        if self._namespace.holder is not None:  # (not nsenter --wd: it opens the directory before entering)
-            prefix = [self._namespace.nsenter, f"--mount=/proc/{self._namespace.holder.pid}/ns/mnt"]
+        if (mnt := self._namespace.mnt_path) is not None:  # (not nsenter --wd: it opens the dir before entering)
+            prefix = [self._namespace.nsenter, f"--mount={mnt}"]
             if (net := self.net_namespace) is not None:
                 prefix.append(f"--net={net}")
             prefix.append("--")
@@ -90,7 +88,7 @@ class Isolation:
 
     def host_cwd(self, cwd: str = "/var/task") -> str:
         """Working directory to hand the spawner along with ``command(argv, cwd=cwd)``."""
-        return "/" if self._namespace.holder is not None else self.path(cwd)
+        return "/" if self._namespace.active else self.path(cwd)
 
     def path(self, lambda_path: str) -> str:
         """The path to use for a Lambda path: itself inside the namespace, else the host dir behind it."""
@@ -243,10 +241,7 @@ class Isolation:
             except SandboxError as e:
                 problems.append(str(e))
         self._cgroups.memory = self._cgroups.freezer = None
-        try:
-            await self._namespace.stop()
-        except (TimeoutError, OSError) as e:
-            problems.append(f"namespace holder did not stop: {e!r}")
+        self._namespace.close()
         if self._namespace.hosts_dir is not None:
             shutil.rmtree(self._namespace.hosts_dir, ignore_errors=True)
         return problems

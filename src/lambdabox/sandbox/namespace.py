@@ -1,23 +1,29 @@
-"""Owns an environment's namespaces: the holder, a shell script run under ``unshare`` that sets up the mount
-namespace (/var/task, /opt, /tmp, /etc/hosts) and the network namespace (only ``lo``, up) and holds them until
-its stdin closes; the probes that say whether the machine allows them, and the hosts file."""
+"""Owns an environment's namespaces: the mount namespace (/var/task, /opt, /tmp, /etc/hosts) and the network
+namespace (only ``lo``, up), made by a short-lived thread of lambdabox's own with system calls and held by
+descriptors; the probes that say whether the machine allows them, and the hosts file."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import fcntl
 import os
-import shlex
 import shutil
+import socket
+import struct
 import tempfile
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from lambdabox.sandbox import syscalls
+
 DEADLINE_S = 5.0
-"""Bound on every wait: holder ready, FROZEN/THAWED, cgroup empty, holder exit."""
+"""Bound on every wait: namespaces made, FROZEN/THAWED, cgroup empty."""
 HOSTS_LINE = "127.0.0.1\tsandbox sandbox.localdomain\n"
 _MOUNTPOINTS = ("/var/task", "/opt")
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
 
 @dataclass(frozen=True)
@@ -33,74 +39,103 @@ def _under(path: str, top: str) -> str | None:
     return path[len(top) + 1 :] if path.startswith(top + "/") else None
 
 
-def _holder_script(layout: Layout, hosts: Path, ip: str | None = None) -> str:
-    """The shell script the namespaces' holder runs: ``lo`` up (given ``ip``, in a new network namespace), mounts,
-    then `ready`, then wait for stdin EOF."""
-    q = shlex.quote
+def _enter_and_mount(layout: Layout, hosts: Path, net: bool, mounted: Sequence[str]) -> tuple[int, int | None]:
+    """On the calling thread (a thread of its own, which ends after): new mount (and, given ``net``, network)
+    namespaces, ``lo`` up, the layout mounted; descriptors holding the namespaces (mount, network)."""
     task, opt, tmp = (str(p.resolve()) for p in (layout.task, layout.opt, layout.tmp))
-    keep = sorted(os.path.realpath(p) for p in layout.keep if os.path.exists(p))
-    lines = ["set -e", "exec 3</tmp"]  # the host's /tmp, to reach kept paths once it is covered
-    if ip is not None:
-        lines.append(f"{q(ip)} link set lo up")
-    with open("/proc/self/mountinfo") as f:
-        mounted = [line.split()[4] for line in f]
+    # (path, is a dir), seen from the host before anything covers them
+    keep = sorted((path, os.path.isdir(path)) for path in map(os.path.realpath, layout.keep) if os.path.exists(path))
+    syscalls.unshare(syscalls.CLONE_NEWNS | (syscalls.CLONE_NEWNET if net else 0))
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+    if net:
+        _loopback_up()
     for point in _MOUNTPOINTS:
-        parent = os.path.dirname(point)
-        if os.path.isdir(point):
-            continue
-        if parent != "/" and os.path.isdir(parent) and not any(_under(m, parent) for m in mounted):
-            # Make the mountpoint in this namespace only: a private overlay (upper layer on a tmpfs)
-            # over its parent, so the host's directory stays untouched. n counts mounts to undo.
-            up, work = q(parent + "/.u"), q(parent + "/.w")
-            lines.append(
-                f"n=0; {{ exec 5<{q(parent)} && mount -t tmpfs -o mode=755 lambdabox {q(parent)} && n=1"
-                f" && mkdir {up} {work} && mount -t overlay -o lowerdir=/proc/self/fd/5,upperdir={up},"
-                f"workdir={work} lambdabox {q(parent)} && n=2 && mkdir {q(point)}; }}"
-                f' || while [ "$n" -gt 0 ]; do umount {q(parent)}; n=$((n - 1)); done; exec 5<&-'
-            )
-        # Fallback (no overlay, or a parent like / that cannot be overlaid): an empty directory on the
-        # host's filesystem, made only where nothing exists; no existing content is touched.
-        lines.append(f"[ -d {q(point)} ] || mkdir -p {q(point)}")
-    lines += [
-        "exec 4</opt",  # the host's /opt, likewise
-        f"mount -c -o bind,ro {q(str(hosts))} /etc/hosts",
-        f"mount -c -o bind,ro {q(task)} /var/task",
-        f"mount -c --bind {q(opt)} /opt",
-    ]
-    # Kept paths get (empty) mountpoints inside the layout's opt and tmp dirs.
-    for top, fd in (("/opt", 4), ("/tmp", 3)):
-        if top == "/tmp":
-            lines.append(f"mount -c --bind {q(tmp)} /tmp")
-        for path in keep:
-            if (rest := _under(path, top)) is not None:
-                made = q(path) if os.path.isdir(path) else f"{q(os.path.dirname(path))} && : >> {q(path)}"
-                lines.append(f"mkdir -p {made} && mount -c --bind /proc/self/fd/{fd}/{q(rest)} {q(path)}")
-        if top == "/opt":
-            lines.append("mount -c -o remount,bind,ro /opt")
-    lines += ["exec 3<&- 4<&-", "echo ready", "exec cat >/dev/null"]  # holds until stdin closes
-    return "\n".join(lines)
+        _make_mountpoint(point, mounted)
+    # The host's /opt and /tmp, to reach kept paths once they are covered.
+    host = {top: os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for top in ("/opt", "/tmp")}
+    try:
+        _bind(str(hosts), "/etc/hosts", read_only=True)
+        _bind(task, "/var/task", read_only=True)
+        for top, source in (("/opt", opt), ("/tmp", tmp)):
+            _bind(source, top)
+            for path, is_dir in keep:  # each gets an (empty) mountpoint inside the layout's dir
+                if (rest := _under(path, top)) is not None:
+                    if is_dir:
+                        os.makedirs(path, exist_ok=True)
+                    else:
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        open(path, "ab").close()
+                    _bind(f"/proc/self/fd/{host[top]}/{rest}", path)
+            if top == "/opt":
+                _bind(None, "/opt", read_only=True)
+    finally:
+        for fd in host.values():
+            os.close(fd)
+    mnt_fd = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return mnt_fd, (os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if net else None)
+    except OSError:
+        os.close(mnt_fd)
+        raise
+
+
+def _bind(source: str | None, target: str, *, read_only: bool = False) -> None:
+    """Bind ``source`` at ``target`` (None: only the read-only remount of what is there), as ``mount --bind``."""
+    if source is not None:
+        syscalls.mount(source, target, None, syscalls.MS_BIND)
+    if read_only:  # a bind mount becomes read-only only by a remount; its other flags are kept
+        flags = syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY | syscalls.mount_flags(target)
+        syscalls.mount(None, target, None, flags)
+
+
+def _loopback_up() -> None:
+    """Bring ``lo`` up in the calling thread's network namespace (SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH", b"lo", 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+
+
+def _make_mountpoint(point: str, mounted: Sequence[str]) -> None:
+    """Make ``point`` exist in this namespace. Where its parent has nothing mounted below it, a private overlay
+    (upper layer on a tmpfs) over the parent adds it, so the host's directory stays untouched. Otherwise (no
+    overlay, or a parent like / that cannot be overlaid) an empty directory on the host's filesystem, made only
+    where nothing exists; no existing content is touched."""
+    parent = os.path.dirname(point)
+    if os.path.isdir(point):
+        return
+    if parent != "/" and os.path.isdir(parent) and not any(_under(m, parent) for m in mounted):
+        lower = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        done = 0  # mounts to undo if a later step fails
+        try:
+            syscalls.mount("lambdabox", parent, "tmpfs", 0, "mode=755")
+            done = 1
+            upper, work = f"{parent}/.u", f"{parent}/.w"
+            os.mkdir(upper)
+            os.mkdir(work)
+            options = f"lowerdir=/proc/self/fd/{lower},upperdir={upper},workdir={work}"
+            syscalls.mount("lambdabox", parent, "overlay", 0, options)
+            done = 2
+            os.mkdir(point)
+        except OSError:
+            for _ in range(done):
+                syscalls.umount(parent)
+        finally:
+            os.close(lower)
+    os.makedirs(point, exist_ok=True)
 
 
 def _probe_namespace() -> str | None:
     """None if a mount namespace can be tried here, else why not."""
     if os.geteuid() != 0:
         return "not root"
-    for tool in ("unshare", "nsenter", "mount", "sh", "cat"):
+    for tool in ("nsenter", "sh"):
         if shutil.which(tool) is None:
             return f"{tool} not found"
-    if not os.path.exists("/proc/self/ns/mnt"):
+    if not os.path.exists("/proc/thread-self/ns/mnt"):
         return "the kernel has no mount namespaces"
     links = [p for p in (*_MOUNTPOINTS, "/etc/hosts", "/tmp") if os.path.islink(p)]
     return f"{links[0]} is a symbolic link" if links else None
-
-
-def _probe_network() -> str | None:
-    """None if a network namespace can be tried here (given a mount namespace), else why not."""
-    if shutil.which("ip") is None:
-        return "ip not found (install iproute2)"
-    if not os.path.exists("/proc/self/ns/net"):
-        return "the kernel has no network namespaces"
-    return None
 
 
 def _write_hosts() -> Path:
@@ -115,18 +150,36 @@ def _write_hosts() -> Path:
 
 
 class Namespace:
-    """The holder of one environment's mount namespace (and network namespace, where one can be had)."""
+    """One environment's mount namespace (and network namespace, where one can be had), held by descriptors of
+    lambdabox's own: no process holds them, and they go when the descriptors are closed and the environment's
+    processes are gone."""
 
     def __init__(self, layout: Layout, *, network: bool = True) -> None:
         self.layout = layout
         self.network = network  # False: no network namespace even where one could be had
         self.net_why: str | None = None  # why there is no network namespace
-        self.holder: asyncio.subprocess.Process | None = None
         self.nsenter = "nsenter"
         self.hosts_dir: Path | None = None
+        self._mnt_fd: int | None = None
+        self._net_fd: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the environment has its mount namespace."""
+        return self._mnt_fd is not None
+
+    @property
+    def mnt_path(self) -> str | None:
+        """A path that opens the mount namespace (for ``nsenter --mount=``), None without one."""
+        return None if self._mnt_fd is None else f"/proc/{os.getpid()}/fd/{self._mnt_fd}"
+
+    @property
+    def net_path(self) -> str | None:
+        """A path that opens the network namespace, None without one."""
+        return None if self._net_fd is None else f"/proc/{os.getpid()}/fd/{self._net_fd}"
 
     def path(self, lambda_path: str) -> str:
-        if self.holder is not None:
+        if self.active:
             return lambda_path
         for top, host in (("/var/task", self.layout.task), ("/opt", self.layout.opt), ("/tmp", self.layout.tmp)):
             if lambda_path == top:
@@ -136,55 +189,58 @@ class Namespace:
         return lambda_path
 
     async def start(self) -> str | None:
-        """Start the namespaces' holder, with a network namespace when it can be had (else ``net_why`` says why
-        not); None, or why there can be no mount namespace."""
+        """Make the namespaces, with a network namespace when it can be had (else ``net_why`` says why not); None,
+        or why there can be no mount namespace."""
         if (why := _probe_namespace()) is not None:
             self.net_why = why
             return why
         self.nsenter = shutil.which("nsenter") or "nsenter"
         hosts = _write_hosts()
         self.hosts_dir = hosts.parent
-        self.net_why = "network=False" if not self.network else _probe_network()
+        self.net_why = None if self.network else "network=False"
         if self.net_why is None:
-            if (why := await self._spawn(hosts, shutil.which("ip") or "ip")) is None:
+            if (why := await self._make(hosts, net=True)) is None:
                 return None
             self.net_why = why  # try again without one
-        why = await self._spawn(hosts, None)
+        why = await self._make(hosts, net=False)
         if why is not None:
             self.net_why = why
         return why
 
-    async def _spawn(self, hosts: Path, ip: str | None) -> str | None:
-        """Start a holder, in a new network namespace given ``ip``; None, or why it failed."""
-        script = _holder_script(self.layout, hosts, ip)
-        net = ["--net"] if ip is not None else []
-        self.holder = holder = await asyncio.create_subprocess_exec(
-            *["unshare", "--mount", *net, "--propagation", "private", "--", "sh", "-c", script],
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        assert holder.stdout is not None and holder.stderr is not None
-        line = err = b""
-        with contextlib.suppress(TimeoutError):
-            line = await asyncio.wait_for(holder.stdout.readline(), DEADLINE_S)
-        if line == b"ready\n":
-            return None
-        with contextlib.suppress(TimeoutError):
-            err = await asyncio.wait_for(holder.stderr.read(4096), 0.5)
-        await self.stop()
-        return f"namespace setup failed: {err.decode(errors='replace').strip() or 'no ready signal'}"
+    async def _make(self, hosts: Path, *, net: bool) -> str | None:
+        """Make the namespaces on a thread of their own (a network one given ``net``); None, or why it failed."""
+        with open("/proc/self/mountinfo") as f:  # noqa: ASYNC230 (procfs, never blocks)
+            mounted = [line.split()[4] for line in f]
+        made: Future[tuple[int, int | None]] = Future()
 
-    async def stop(self) -> None:
-        holder, self.holder = self.holder, None
-        if holder is None:
-            return
-        if holder.stdin is not None:
-            holder.stdin.close()  # its `cat` sees EOF and exits
+        def make() -> None:
+            try:
+                made.set_result(_enter_and_mount(self.layout, hosts, net, mounted))
+            except BaseException as e:
+                made.set_exception(e)
+
+        threading.Thread(target=make, name="lambdabox-namespace", daemon=True).start()
         try:
-            await asyncio.wait_for(holder.wait(), DEADLINE_S)
+            mnt_fd, self._net_fd = await asyncio.wait_for(asyncio.wrap_future(made), DEADLINE_S)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                holder.kill()
-            await asyncio.wait_for(holder.wait(), DEADLINE_S)
+            made.add_done_callback(_close_made)  # should it ever finish
+            return f"namespace setup failed: not done after {DEADLINE_S}s"
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            return f"namespace setup failed: {e.strerror or e}{where}"
+        self._mnt_fd = mnt_fd
+        return None
+
+    def close(self) -> None:
+        """Close the descriptors that hold the namespaces (idempotent)."""
+        for fd in (self._mnt_fd, self._net_fd):
+            if fd is not None:
+                os.close(fd)
+        self._mnt_fd = self._net_fd = None
+
+
+def _close_made(made: Future[tuple[int, int | None]]) -> None:
+    if made.exception() is None:
+        for fd in made.result():
+            if fd is not None:
+                os.close(fd)

@@ -5,7 +5,6 @@ and the connections to its extensions' telemetry listeners are made through :met
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import socket
@@ -14,19 +13,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-CLONE_NEWNET = 0x40000000
+from lambdabox.sandbox import syscalls
+
 DEADLINE_S = 5.0
 """Bound on every wait for the thread: entering the namespace, making a socket, exiting."""
 
 _Job = tuple[Callable[[], Any], "Future[Any]"]
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int, nstype: int) -> None:
-    """setns(2) for the calling thread only (Python 3.11 has no os.setns)."""
-    if _libc.setns(fd, nstype) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"setns: {os.strerror(error)}")
 
 
 class NetNamespace:
@@ -82,7 +74,7 @@ class NetNamespace:
 
     def _serve(self, fd: int, entered: Future[None]) -> None:
         try:
-            _setns(fd, CLONE_NEWNET)
+            syscalls.setns(fd, syscalls.CLONE_NEWNET)
             if os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino != self.inode:
                 raise OSError(f"setns did not enter {self.path}")
         except BaseException as error:
