@@ -5,6 +5,7 @@ clients it needs (awslambdaric per Python version, aws-lambda-ric from npm, a fu
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.metadata
 import json
 import operator
@@ -158,6 +159,7 @@ def _lang_dir(runtime: str, cache_dir: Path) -> Path:
     return cache_dir / "lang" / runtime
 
 
+@functools.cache  # reading the installed metadata costs a scan of sys.path, on every cold start otherwise
 def _awslambdaric_requirement(minor: int) -> str:
     """awslambdaric pinned to lambdabox's own version, or the newest older one that supports ``3.minor``."""
     version = importlib.metadata.version("awslambdaric")
