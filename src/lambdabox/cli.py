@@ -61,8 +61,9 @@ def environment_options(command: F) -> F:
             "--private-network/--host-network",
             default=True,
             show_default=True,
-            help="A network namespace per environment (loopback only, as Lambda's Runtime API at 127.0.0.1:9001), "
-            "or the host's network (reach services on the host; extensions must not share ports).",
+            help="A network namespace per environment, as in Lambda (Runtime API at 127.0.0.1:9001; outbound "
+            "through slirp4netns; this machine at host.lambdabox.internal), or the host's network (extensions "
+            "must not share ports).",
         ),
         click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values."),
     ]

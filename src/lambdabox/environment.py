@@ -40,7 +40,7 @@ RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)  # where Lambda serves the APIs, insid
 class Options:
     freeze: bool = True
     isolate: bool = True
-    private_network: bool = True  # a network namespace with only loopback; False shares the host's network
+    private_network: bool = True  # a network namespace (outbound through slirp4netns); False: the host's network
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "lambdabox")
     initialization_type: str = "on-demand"
 

@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 from lambdabox.core.model import Response
 from lambdabox.environment import Options, open_environment
 from lambdabox.report import InvokeResult
+from lambdabox.sandbox import outbound
 from lambdabox.template import load_template
 from support import Recorder, run
 
@@ -72,7 +73,8 @@ def wait_for_url(process: subprocess.Popen[bytes], seconds: float) -> str:
 @pytest.fixture
 def moto_s3() -> Iterator[MotoS3]:
     """moto's server on the host's loopback, with an IAM user allowed s3:* and the bucket; stopped by PID."""
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_CALLS)}
+    # Path-style buckets whatever the host name (moto would read ``host`` of host.lambdabox.internal as a bucket).
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_CALLS), "S3_IGNORE_SUBDOMAIN_BUCKETNAME": "true"}
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as process:
         drain: threading.Thread | None = None
@@ -117,13 +119,18 @@ def test_every_batch_is_an_object_and_nothing_is_lost(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", moto_s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", moto_s3.secret_key)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    template = load_template(TEMPLATE, {"LogsBucket": BUCKET, "S3Endpoint": moto_s3.url})
+    # With its own network namespace and an outbound network (root, slirp4netns), the environment reaches moto's
+    # server on this machine's loopback by name, as it would reach S3; elsewhere it runs in the host's network.
+    own_network = os.geteuid() == 0 and outbound.probe() is None
+    endpoint = moto_s3.url.replace("127.0.0.1", outbound.HOST_NAMES[0]) if own_network else moto_s3.url
+    template = load_template(TEMPLATE, {"LogsBucket": BUCKET, "S3Endpoint": endpoint})
     config = template.function("OrderFunction")
     # 1,500 item lines and more: batches hold at most maxItems (1,000), so there are several whatever the timing.
     orders = [{"order": f"A-{n}", "items": [f"item-{n}-{i}" for i in range(500)]} for n in range(3)]
 
     async def go() -> list[InvokeResult]:
-        async with open_environment(config, Options(private_network=False), [recorder]) as env:
+        async with open_environment(config, Options(private_network=own_network), [recorder]) as env:
+            assert (env.netns is not None) == own_network, env.degraded
             return [await env.invoke(json.dumps(order).encode()) for order in orders]
 
     results = run(go())  # leaving the environment delivers SHUTDOWN: the last records are flushed before it

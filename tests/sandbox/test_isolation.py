@@ -19,7 +19,7 @@ import pytest
 from lambdabox.core.errors import SandboxError
 from lambdabox.loop import run as run_loop
 from lambdabox.sandbox import cgroups as cgroups_module
-from lambdabox.sandbox import isolation, namespace
+from lambdabox.sandbox import isolation, namespace, outbound
 from lambdabox.sandbox.cgroups import CGROUP_ROOT
 from lambdabox.sandbox.isolation import Isolation, open_isolation
 from lambdabox.sandbox.namespace import Layout
@@ -205,7 +205,7 @@ def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
             assert len(cgroups) == 2 and all(c.is_dir() for c in cgroups)
             mnt = iso._namespace.mnt_path
             assert mnt is not None and iso.net_namespace is not None
-            hosts, net, mnt_ino = iso._namespace.hosts_dir, os.stat(iso.net_namespace).st_ino, os.stat(mnt).st_ino
+            hosts, net, mnt_ino = iso._namespace.files_dir, os.stat(iso.net_namespace).st_ino, os.stat(mnt).st_ino
             left = iso.pids()
         await proc.wait_exit()  # killed by the teardown
         return cgroups, left, hosts, net, mnt_ino
@@ -394,32 +394,101 @@ NET_PROBE = (
 
 
 @needs_full
-def test_a_process_inside_sees_only_lo_and_it_is_up(tmp_path: Path) -> None:
-    async def body() -> tuple[dict[str, Any], int, int]:
+def test_a_process_inside_sees_lo_up_and_the_outbound_interface(tmp_path: Path) -> None:
+    async def body() -> tuple[dict[str, Any], int, int, tuple[str, ...]]:
         async with open_isolation(make_layout(tmp_path), memory_mb=128, name="net") as iso:
             records: list[str] = []
             assert await (await spawn(iso, NET_PROBE, records)).wait_exit() == 0, records
             assert iso.net_namespace is not None
             with NetNamespace(iso.net_namespace) as ns:
-                return json.loads(records[-1]), os.stat(iso.net_namespace).st_ino, ns.inode
+                return json.loads(records[-1]), os.stat(iso.net_namespace).st_ino, ns.inode, iso.degraded
 
-    seen, net, thread_net = run(body())
-    assert seen["ifs"] == [[1, "lo"]]
+    seen, net, thread_net, degraded = run(body())
+    assert seen["ifs"] == [[1, "lo"], [2, "tap0"]] and degraded == ()
     assert seen["net"] == net == thread_net != os.stat("/proc/self/ns/net").st_ino
+
+
+OUTBOUND_PROBE = (
+    "import json, socket, sys\n"
+    "got = {}\n"
+    "for name in ('host.lambdabox.internal', 'host.docker.internal'):\n"
+    "    with socket.create_connection((name, int(sys.argv[1])), timeout=5) as s:\n"
+    "        got[name] = s.recv(64).decode()\n"
+    "got['resolv'] = [l for l in open('/etc/resolv.conf') if l.startswith('nameserver')]\n"
+    "print(json.dumps(got))\n"
+)
+
+
+async def _greeting_server() -> asyncio.Server:
+    """A TCP server on the host's loopback that greets each connection with its peer's address."""
+
+    async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(f"hello {writer.get_extra_info('peername')[0]}".encode())
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(greet, "127.0.0.1", 0)
+
+
+@needs_full
+@pytest.mark.skipif(outbound.probe() is not None, reason="needs slirp4netns")
+def test_the_environment_reaches_a_server_on_the_host_loopback_by_name(tmp_path: Path) -> None:
+    async def body() -> tuple[list[str], int | None]:
+        server = await _greeting_server()
+        port = server.sockets[0].getsockname()[1]
+        async with server, open_isolation(make_layout(tmp_path), memory_mb=128, name="out") as iso:
+            records: list[str] = []
+            proc = await spawn(iso, OUTBOUND_PROBE.replace("int(sys.argv[1])", str(port)), records)
+            assert await proc.wait_exit() == 0, records
+            slirp = iso._outbound._process
+            pid = slirp.pid if slirp is not None else None
+        return records, pid
+
+    records, slirp = run(body())
+    seen = json.loads(records[-1])
+    # slirp4netns connects from the host's loopback on the environment's behalf, as Lambda's NAT would
+    assert seen["host.lambdabox.internal"] == seen["host.docker.internal"] == "hello 127.0.0.1"
+    assert seen["resolv"] == [f"nameserver {outbound.DNS_ADDRESS}\n"]
+    assert slirp is not None and not psutil.pid_exists(slirp)  # ended with the environment
+
+
+@needs_full
+def test_without_slirp4netns_only_loopback_and_it_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbound, "probe", lambda: "slirp4netns not found")
+
+    async def body() -> tuple[tuple[str, ...], list[str]]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="noout") as iso:
+            records: list[str] = []
+            code = NET_PROBE + "print(open('/etc/hosts').read().count('host.lambdabox.internal'))\n"
+            assert await (await spawn(iso, code, records)).wait_exit() == 0, records
+            return iso.degraded, records
+
+    degraded, records = run(body())
+    assert json.loads(records[0])["ifs"] == [[1, "lo"]] and records[1] == "0"
+    assert degraded == (
+        "no outbound network (slirp4netns not found): the environment reaches only its own loopback, not the "
+        "internet nor this machine (install slirp4netns, or use the host's network)",
+    )
 
 
 @needs_full
 def test_network_false_keeps_the_host_network_and_says_so(tmp_path: Path) -> None:
     async def body() -> tuple[Isolation, list[str], list[str]]:
-        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="nonet", network=False) as iso:
+        server = await _greeting_server()
+        port = server.sockets[0].getsockname()[1]
+        async with server, open_isolation(make_layout(tmp_path), memory_mb=128, name="nonet", network=False) as iso:
             records: list[str] = []
             argv = iso.command(["x"])
             assert await (await spawn(iso, NET_PROBE, records)).wait_exit() == 0, records
+            proc = await spawn(iso, OUTBOUND_PROBE.replace("int(sys.argv[1])", str(port)), records)
+            assert await proc.wait_exit() == 0, records
             return iso, records, argv
 
     iso, records, argv = run(body())
     assert iso.net_namespace is None and not any(a.startswith("--net") for a in argv)
-    assert json.loads(records[-1])["net"] == os.stat("/proc/self/ns/net").st_ino
+    assert json.loads(records[0])["net"] == os.stat("/proc/self/ns/net").st_ino
+    seen = json.loads(records[1])  # the machine's names are its own loopback here
+    assert seen["host.lambdabox.internal"] == seen["host.docker.internal"] == "hello 127.0.0.1"
     assert len(iso.degraded) == 1 and iso.degraded[0].startswith("no network namespace (network=False): ")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from lambdabox.core.errors import SandboxError
+from lambdabox.sandbox import outbound
 from lambdabox.sandbox.cgroups import Cgroups
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
 
@@ -44,6 +45,7 @@ class Isolation:
         self.api_port: int | None = None  # without a network namespace: the Runtime API's port (for ``degraded``)
         self._found: tuple[str, ...] = ()
         self._namespace = Namespace(layout, network=network)
+        self._outbound = outbound.Outbound()
         self._cgroups = Cgroups()
         self._registered: set[int] = set()
         self._stopped: set[int] = set()  # SIGSTOPped by a degraded freeze
@@ -202,11 +204,20 @@ class Isolation:
             if not os.path.isdir(path := getattr(self.layout, what)):  # noqa: ASYNC240 (a stat)
                 raise SandboxError(f"layout.{what} {path} is not a directory")
         cg_why = self._cgroups.make(name, self.memory_mb) if isolate else "isolate=False"
+        out_why = outbound.probe()
         if isolate:
-            ns_why = await self._namespace.start()
+            ns_why = await self._namespace.start(outbound=out_why is None)
         else:
             ns_why = self._namespace.net_why = "isolate=False"
         found: list[str] = []
+        if (net := self._namespace.net_path) is not None and self._namespace.files_dir is not None:
+            if out_why is None:
+                out_why = await self._outbound.start(net, self._namespace.files_dir / "slirp4netns.log")
+            if out_why is not None:
+                found.append(
+                    f"no outbound network ({out_why}): the environment reaches only its own loopback, not the "
+                    "internet nor this machine (install slirp4netns, or use the host's network)"
+                )
         if ns_why is not None:
             found += [
                 f"no mount namespace ({ns_why}): code is at {self.layout.task}, not /var/task",
@@ -241,9 +252,13 @@ class Isolation:
             except SandboxError as e:
                 problems.append(str(e))
         self._cgroups.memory = self._cgroups.freezer = None
+        try:
+            await self._outbound.close()
+        except (TimeoutError, OSError) as e:
+            problems.append(f"slirp4netns did not stop: {e!r}")
         self._namespace.close()
-        if self._namespace.hosts_dir is not None:
-            shutil.rmtree(self._namespace.hosts_dir, ignore_errors=True)
+        if self._namespace.files_dir is not None:
+            shutil.rmtree(self._namespace.files_dir, ignore_errors=True)
         return problems
 
 

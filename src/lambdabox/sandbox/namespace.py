@@ -1,6 +1,6 @@
-"""Owns an environment's namespaces: the mount namespace (/var/task, /opt, /tmp, /etc/hosts) and the network
-namespace (only ``lo``, up), made by a short-lived thread of lambdabox's own with system calls and held by
-descriptors; the probes that say whether the machine allows them, and the hosts file."""
+"""Owns an environment's namespaces: the mount namespace (/var/task, /opt, /tmp, /etc/hosts, /etc/resolv.conf)
+and the network namespace (``lo``, up), made by a short-lived thread of lambdabox's own with system calls and held
+by descriptors; the probes that say whether the machine allows them, and the files shown at /etc."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from lambdabox.sandbox import outbound as outbound_module
 from lambdabox.sandbox import syscalls
 
 DEADLINE_S = 5.0
@@ -39,9 +40,10 @@ def _under(path: str, top: str) -> str | None:
     return path[len(top) + 1 :] if path.startswith(top + "/") else None
 
 
-def _enter_and_mount(layout: Layout, hosts: Path, net: bool, mounted: Sequence[str]) -> tuple[int, int | None]:
+def _enter_and_mount(layout: Layout, etc: Path, net: bool, mounted: Sequence[str]) -> tuple[int, int | None]:
     """On the calling thread (a thread of its own, which ends after): new mount (and, given ``net``, network)
-    namespaces, ``lo`` up, the layout mounted; descriptors holding the namespaces (mount, network)."""
+    namespaces, ``lo`` up, the layout mounted, and the files in ``etc`` over /etc's; descriptors holding the
+    namespaces (mount, network)."""
     task, opt, tmp = (str(p.resolve()) for p in (layout.task, layout.opt, layout.tmp))
     # (path, is a dir), seen from the host before anything covers them
     keep = sorted((path, os.path.isdir(path)) for path in map(os.path.realpath, layout.keep) if os.path.exists(path))
@@ -54,7 +56,9 @@ def _enter_and_mount(layout: Layout, hosts: Path, net: bool, mounted: Sequence[s
     # The host's /opt and /tmp, to reach kept paths once they are covered.
     host = {top: os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for top in ("/opt", "/tmp")}
     try:
-        _bind(str(hosts), "/etc/hosts", read_only=True)
+        for name in ("hosts", "resolv.conf"):  # resolv.conf only given an outbound network
+            if os.path.exists(etc / name) and os.path.exists(f"/etc/{name}"):
+                _bind(str(etc / name), f"/etc/{name}", read_only=True)
         _bind(task, "/var/task", read_only=True)
         for top, source in (("/opt", opt), ("/tmp", tmp)):
             _bind(source, top)
@@ -138,15 +142,25 @@ def _probe_namespace() -> str | None:
     return f"{links[0]} is a symbolic link" if links else None
 
 
-def _write_hosts() -> Path:
-    """The host's /etc/hosts plus Lambda's sandbox names, in a new private dir."""
-    hosts = Path(tempfile.mkdtemp(prefix="lambdabox-hosts-")) / "hosts"
+def _write_etc(etc: Path, host: str | None, resolver: str | None) -> None:
+    """``hosts``: the host's /etc/hosts plus Lambda's sandbox names, and the machine's own names at ``host``;
+    given ``resolver``, ``resolv.conf``: the host's, with ``resolver`` as the only nameserver."""
+    entries = _read_or("/etc/hosts", "127.0.0.1\tlocalhost\n").rstrip("\n") + "\n" + HOSTS_LINE
+    if host is not None:
+        entries += f"{host}\t{' '.join(outbound_module.HOST_NAMES)}\n"
+    (etc / "hosts").write_text(entries)
+    if resolver is None:
+        (etc / "resolv.conf").unlink(missing_ok=True)
+    else:
+        kept = [line for line in _read_or("/etc/resolv.conf", "").splitlines() if not line.startswith("nameserver")]
+        (etc / "resolv.conf").write_text("\n".join([*kept, f"nameserver {resolver}", ""]))
+
+
+def _read_or(path: str, default: str) -> str:
     try:
-        entries = Path("/etc/hosts").read_text()
+        return Path(path).read_text()
     except OSError:
-        entries = "127.0.0.1\tlocalhost\n"
-    hosts.write_text(entries.rstrip("\n") + "\n" + HOSTS_LINE)
-    return hosts
+        return default
 
 
 class Namespace:
@@ -159,7 +173,7 @@ class Namespace:
         self.network = network  # False: no network namespace even where one could be had
         self.net_why: str | None = None  # why there is no network namespace
         self.nsenter = "nsenter"
-        self.hosts_dir: Path | None = None
+        self.files_dir: Path | None = None  # lambdabox's own files for the environment (/etc's, logs)
         self._mnt_fd: int | None = None
         self._net_fd: int | None = None
 
@@ -188,26 +202,29 @@ class Namespace:
                 return str(host / rest)
         return lambda_path
 
-    async def start(self) -> str | None:
+    async def start(self, *, outbound: bool = False) -> str | None:
         """Make the namespaces, with a network namespace when it can be had (else ``net_why`` says why not); None,
-        or why there can be no mount namespace."""
+        or why there can be no mount namespace. ``outbound``: the network namespace is to get its outbound
+        interface (``outbound.Outbound``), so its /etc names the host and the resolver on that interface."""
         if (why := _probe_namespace()) is not None:
             self.net_why = why
             return why
         self.nsenter = shutil.which("nsenter") or "nsenter"
-        hosts = _write_hosts()
-        self.hosts_dir = hosts.parent
+        self.files_dir = files = Path(tempfile.mkdtemp(prefix="lambdabox-env-"))
         self.net_why = None if self.network else "network=False"
         if self.net_why is None:
-            if (why := await self._make(hosts, net=True)) is None:
+            address = outbound_module.HOST_ADDRESS if outbound else None
+            _write_etc(files, address, outbound_module.DNS_ADDRESS if outbound else None)
+            if (why := await self._make(files, net=True)) is None:
                 return None
             self.net_why = why  # try again without one
-        why = await self._make(hosts, net=False)
+        _write_etc(files, "127.0.0.1", None)  # the host's network: the machine is at its own loopback
+        why = await self._make(files, net=False)
         if why is not None:
             self.net_why = why
         return why
 
-    async def _make(self, hosts: Path, *, net: bool) -> str | None:
+    async def _make(self, etc: Path, *, net: bool) -> str | None:
         """Make the namespaces on a thread of their own (a network one given ``net``); None, or why it failed."""
         with open("/proc/self/mountinfo") as f:  # noqa: ASYNC230 (procfs, never blocks)
             mounted = [line.split()[4] for line in f]
@@ -215,7 +232,7 @@ class Namespace:
 
         def make() -> None:
             try:
-                made.set_result(_enter_and_mount(self.layout, hosts, net, mounted))
+                made.set_result(_enter_and_mount(self.layout, etc, net, mounted))
             except BaseException as e:
                 made.set_exception(e)
 
