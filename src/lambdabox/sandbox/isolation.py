@@ -237,6 +237,7 @@ class Isolation:
     async def _close(self) -> list[str]:
         """Release everything (each step runs even if an earlier one fails); the problems met."""
         problems: list[str] = []
+        self._outbound.stop_soon()  # its exit overlaps with the rest
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -68,11 +68,16 @@ class Outbound:
         said = log.read_text(errors="replace").strip().splitlines()  # noqa: ASYNC240 (a short local file)
         return f"slirp4netns failed: {said[-1] if said else 'no ready signal'}"
 
-    async def close(self) -> None:
-        """End slirp4netns (idempotent): close its exit pipe, and kill it if it has not gone by the deadline."""
+    def stop_soon(self) -> None:
+        """Tell slirp4netns to end (idempotent): close its exit pipe. Its exit takes a while (the kernel removes
+        its interface), which :meth:`close` waits for; whatever is done in between overlaps with it."""
         if self._exit_w is not None:
             os.close(self._exit_w)
             self._exit_w = None
+
+    async def close(self) -> None:
+        """End slirp4netns (idempotent), and kill it if it has not gone by the deadline."""
+        self.stop_soon()
         process, self._process = self._process, None
         if process is None:
             return
