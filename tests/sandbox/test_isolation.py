@@ -408,15 +408,17 @@ def test_a_process_inside_sees_lo_up_and_the_outbound_interface(tmp_path: Path) 
     assert seen["net"] == net == thread_net != os.stat("/proc/self/ns/net").st_ino
 
 
-OUTBOUND_PROBE = (
-    "import json, socket, sys\n"
-    "got = {}\n"
-    "for name in ('host.lambdabox.internal', 'host.docker.internal'):\n"
-    "    with socket.create_connection((name, int(sys.argv[1])), timeout=5) as s:\n"
-    "        got[name] = s.recv(64).decode()\n"
-    "got['resolv'] = [l for l in open('/etc/resolv.conf') if l.startswith('nameserver')]\n"
-    "print(json.dumps(got))\n"
-)
+def outbound_probe(port: int) -> str:
+    """Code that greets the server at ``port`` of the machine by each of its names, and reads the resolver."""
+    return (
+        "import json, socket\n"
+        "got = {}\n"
+        "for name in ('host.lambdabox.internal', 'host.docker.internal'):\n"
+        f"    with socket.create_connection((name, {port}), timeout=5) as s:\n"
+        "        got[name] = s.recv(64).decode()\n"
+        "got['resolv'] = [l for l in open('/etc/resolv.conf') if l.startswith('nameserver')]\n"
+        "print(json.dumps(got))\n"
+    )
 
 
 async def _greeting_server() -> asyncio.Server:
@@ -438,7 +440,7 @@ def test_the_environment_reaches_a_server_on_the_host_loopback_by_name(tmp_path:
         port = server.sockets[0].getsockname()[1]
         async with server, open_isolation(make_layout(tmp_path), memory_mb=128, name="out") as iso:
             records: list[str] = []
-            proc = await spawn(iso, OUTBOUND_PROBE.replace("int(sys.argv[1])", str(port)), records)
+            proc = await spawn(iso, outbound_probe(port), records)
             assert await proc.wait_exit() == 0, records
             slirp = iso._outbound._process
             pid = slirp.pid if slirp is not None else None
@@ -480,7 +482,7 @@ def test_network_false_keeps_the_host_network_and_says_so(tmp_path: Path) -> Non
             records: list[str] = []
             argv = iso.command(["x"])
             assert await (await spawn(iso, NET_PROBE, records)).wait_exit() == 0, records
-            proc = await spawn(iso, OUTBOUND_PROBE.replace("int(sys.argv[1])", str(port)), records)
+            proc = await spawn(iso, outbound_probe(port), records)
             assert await proc.wait_exit() == 0, records
             return iso, records, argv
 

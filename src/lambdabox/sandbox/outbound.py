@@ -52,6 +52,7 @@ class Outbound:
                 )
         except OSError as e:
             os.close(ready_r)
+            self.stop_soon()
             return f"slirp4netns did not start: {e}"
         finally:
             os.close(ready_w)
