@@ -39,7 +39,7 @@ from pathlib import Path
 from common import LogTail, ms
 
 from lambdabox.core.model import FunctionConfig, Response
-from lambdabox.environment import Options, open_environment
+from lambdabox.environment.opening import Options, open_environment
 from lambdabox.loop import run as run_loop
 from lambdabox.sandbox.runtime import resolve_runtime
 

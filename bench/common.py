@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from lambdabox.report import TelemetryEvent
+from lambdabox.environment.report import TelemetryEvent
 
 
 def percentile(samples: list[float], q: float) -> float:

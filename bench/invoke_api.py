@@ -101,8 +101,8 @@ Resources:
 SERVER = """\
 import asyncio, json, os, signal, sys
 from pathlib import Path
-from lambdabox.server import ServerSettings, open_server
-from lambdabox.template import load_template
+from lambdabox.service.server import ServerSettings, open_server
+from lambdabox.template.load import load_template
 
 async def main(template, destinations, max_concurrency):
     loop = asyncio.get_running_loop()
@@ -137,7 +137,7 @@ run(main(*sys.argv[1:]))
 # answering 200 with the same JSON body. Prints {"url", "pid"} once serving; stops at EOF on stdin or SIGTERM.
 FLOOR = """\
 import asyncio, json, os, signal, sys
-from lambdabox.api.httpserver import Response, Router, Server
+from lambdabox.api.httpserver import Response, Router, HttpServer
 from lambdabox.loop import run
 
 async def invoke(request):
@@ -146,7 +146,7 @@ async def invoke(request):
 async def main():
     router = Router()
     router.add("POST", "/2015-03-31/functions/{name}/invocations", invoke)
-    server = Server(router)
+    server = HttpServer(router)
     host, port = await server.listen("127.0.0.1", 0)
     print(json.dumps({"url": f"http://{host}:{port}", "pid": os.getpid()}), flush=True)
     loop = asyncio.get_running_loop()

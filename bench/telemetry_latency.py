@@ -52,9 +52,9 @@ from common import percentile
 
 from lambdabox.core.model import FunctionConfig, LayerConfig, Response
 from lambdabox.core.telemetry import TELEMETRY, encode, render
-from lambdabox.environment import Options, open_environment
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import TelemetryEvent
 from lambdabox.loop import run as run_loop
-from lambdabox.report import TelemetryEvent
 
 BASE_PYTHON = getattr(sys, "_base_executable", "") or sys.executable
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"

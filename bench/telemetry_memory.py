@@ -40,9 +40,9 @@ import aiohttp
 import psutil
 
 from lambdabox.core.telemetry import TELEMETRY, Buffering, Destination, Subscription
-from lambdabox.delivery import SubscriberStats, TelemetryHub
+from lambdabox.environment.delivery import SubscriberStats, TelemetryHub
+from lambdabox.environment.report import TelemetryEvent
 from lambdabox.loop import run as run_loop
-from lambdabox.report import TelemetryEvent
 
 BUDGET_S = 110.0  # the whole run, so the script always ends by itself
 MIB = 1024 * 1024

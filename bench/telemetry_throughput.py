@@ -40,9 +40,9 @@ from typing import Any
 import aiohttp
 
 from lambdabox.core.telemetry import TELEMETRY, Buffering, Destination, Subscription, encode, render
-from lambdabox.delivery import TelemetryHub
+from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.report import TelemetryEvent
 from lambdabox.loop import run as run_loop
-from lambdabox.report import TelemetryEvent
 
 BUDGET_S = 110.0  # the whole run, so the script always ends by itself
 TARGET_RPS = 100_000

@@ -49,12 +49,12 @@ from pathlib import Path
 
 from common import LogTail, ms, percentile
 
-from lambdabox.api.httpserver import Request, Response, Router, Server
+from lambdabox.api.httpserver import HttpServer, Request, Response, Router
 from lambdabox.core.model import FunctionConfig, LayerConfig
 from lambdabox.core.model import Response as InvokeResponse
-from lambdabox.environment import Options, open_environment
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.runner import Environment
 from lambdabox.loop import run as run_loop
-from lambdabox.shell import Environment
 
 BASE_PYTHON = getattr(sys, "_base_executable", "") or sys.executable
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -137,7 +137,7 @@ async def floor_case() -> collections.abc.AsyncIterator[Case]:
 
     router = Router()
     router.add("GET", "/ping", ping)
-    server = Server(router)
+    server = HttpServer(router)
     try:
         host, port = await server.listen("127.0.0.1", 0)
         client = await asyncio.create_subprocess_exec(

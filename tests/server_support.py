@@ -19,9 +19,9 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from lambdabox.report import TelemetryEvent
-from lambdabox.server import Server, ServerSettings, open_server
-from lambdabox.template import load_template
+from lambdabox.environment.report import TelemetryEvent
+from lambdabox.service.server import Server, ServerSettings, open_server
+from lambdabox.template.load import load_template
 from support import FIXTURES, PYTHON, Recorder, extension_script
 
 CREDENTIALS = {
@@ -129,3 +129,48 @@ def aws_cli(url: str, *args: str, timeout: float = 60) -> subprocess.CompletedPr
     argv = [sys.executable, "-m", "awscli", "lambda", *args, "--endpoint-url", url]
     argv += ["--cli-read-timeout", str(READ_TIMEOUT_S)]
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+FUNCTIONS = """
+Echo:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: invoke_handler.context, FunctionName: echo-fn}
+Logs:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: handler.logs}
+Many:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: handler.many_lines}
+Fail:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: handler.fail}
+Crash:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: handler.crash}
+Slow:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: handler.sleep, Timeout: 1}
+"""
+ARN = "arn:aws:lambda:us-east-1:123456789012:function:echo-fn"
+
+
+TOO_MANY_EXTENSIONS = (
+    FUNCTIONS
+    + """
+Broken:
+  Type: AWS::Serverless::Function
+  Properties: {Handler: handler.ok, Layers: [!Ref Crowd]}
+Crowd:
+  Type: AWS::Serverless::LayerVersion
+  Properties: {ContentUri: crowd/}
+"""
+)
+
+
+def crowd_layer(tmp_path: Path) -> None:
+    """Eleven extensions: refused when the environment starts (the template itself is fine)."""
+    extensions = tmp_path / "crowd" / "extensions"
+    extensions.mkdir(parents=True)
+    for index in range(11):
+        (extensions / f"ext{index}").write_text("#!/bin/sh\nexit 0\n")
+        (extensions / f"ext{index}").chmod(0o755)

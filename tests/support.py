@@ -18,10 +18,10 @@ import aiohttp
 from aiohttp import web
 
 from lambdabox.core.model import FunctionConfig, LayerConfig
-from lambdabox.environment import open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.report import TelemetryEvent
+from lambdabox.environment.runner import Environment
 from lambdabox.loop import run as run_loop
-from lambdabox.report import TelemetryEvent
-from lambdabox.shell import Environment
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"

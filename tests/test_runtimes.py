@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lambdabox.core.model import FunctionConfig, FunctionFailure, LayerConfig, Response
-from lambdabox.environment import open_environment
-from lambdabox.report import InvokeResult
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.report import InvokeResult
 from lambdabox.sandbox.runtime import find_node_ric
 from support import Recorder, build_layer, make_function, run
 

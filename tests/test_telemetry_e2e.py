@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from lambdabox.core.model import FunctionConfig, LambdaFailure, Response
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import InvokeResult
-from lambdabox.shell import Environment
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import InvokeResult
+from lambdabox.environment.runner import Environment
 from support import Collector, Recorder, collector, make_function, run
 
 

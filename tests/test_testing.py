@@ -14,7 +14,7 @@ import pytest
 
 from lambdabox.core.errors import LayerError, TemplateError
 from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
-from lambdabox.report import Report, TelemetryEvent
+from lambdabox.environment.report import Report, TelemetryEvent
 from lambdabox.testing import (
     EXTENSION_STATES,
     PYTHON_RUNTIME,

@@ -16,18 +16,18 @@ from typing import Any, TypeVar
 
 import click
 
-from lambdabox.console import Console
 from lambdabox.core.errors import ConfigError, LambdaboxError
 from lambdabox.core.model import FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
-from lambdabox.environment import Options
-from lambdabox.logs_cli import logs
-from lambdabox.logstore import LogStore, open_logged_environment
+from lambdabox.environment.opening import Options
+from lambdabox.environment.report import Observer
 from lambdabox.loop import run as run_loop
-from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
-from lambdabox.report import Observer
-from lambdabox.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
-from lambdabox.template import Template, load_template
-from lambdabox.timeline import Section, Timeline, render_html
+from lambdabox.observe.console import Console
+from lambdabox.observe.logs_cli import logs
+from lambdabox.observe.logstore import LogStore, open_logged_environment
+from lambdabox.observe.timeline import Section, Timeline, render_html
+from lambdabox.service.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
+from lambdabox.service.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
+from lambdabox.template.load import Template, load_template
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from lambdabox.environment import Options
+    from lambdabox.environment.opening import Options
     from lambdabox.testing import LambdaFunction
 
 TEMPLATE_HELP = "the SAM or CloudFormation template of lambda_function (default: template.yaml at the rootdir)"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from lambdabox.shell import Environment
+from lambdabox.environment.runner import Environment
 from support import RUNTIME, playing_runtime, run, sleeping_function
 
 EXTENSION = "/2020-01-01/extension"

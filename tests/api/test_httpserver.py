@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from lambdabox.api import httpserver
-from lambdabox.api.httpserver import Request, Response, Router, Server, json_response
+from lambdabox.api.httpserver import HttpServer, Request, Response, Router, json_response
 from lambdabox.core.errors import ApiError
 from support import run
 
@@ -44,7 +44,7 @@ async def serving() -> AsyncIterator[tuple[str, int]]:
     router.add("GET", "/refuse", refuse)
     router.add("GET", "/broken", broken)
     router.add("GET", "/wait", wait)
-    server = Server(router)
+    server = HttpServer(router)
     address = await server.listen("127.0.0.1", 0)
     try:
         yield address
@@ -200,7 +200,7 @@ def test_close_ends_connections_and_cancels_answers_in_progress() -> None:
         gate = asyncio.get_running_loop().create_future()
         router = Router()
         router.add("GET", "/forever", forever)
-        server = Server(router)
+        server = HttpServer(router)
         host, port = await server.listen("127.0.0.1", 0)
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")

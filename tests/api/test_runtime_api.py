@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 
 from lambdabox.core.model import FunctionFailure, Response
-from lambdabox.report import InvokeResult
-from lambdabox.shell import Environment
+from lambdabox.environment.report import InvokeResult
+from lambdabox.environment.runner import Environment
 from support import RUNTIME, playing_runtime, run, sleeping_function
 
 Scenario = Callable[[Environment, aiohttp.ClientSession, str], Awaitable[object]]

@@ -12,11 +12,11 @@ import aiohttp
 
 from lambdabox.api import logs as logs_api
 from lambdabox.api import telemetry as telemetry_api
-from lambdabox.api.httpserver import Router, Server
+from lambdabox.api.httpserver import HttpServer, Router
 from lambdabox.core.errors import ApiError
 from lambdabox.core.telemetry import Subscription
-from lambdabox.delivery import TelemetryHub
-from lambdabox.report import TelemetryEvent
+from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.report import TelemetryEvent
 from support import run
 
 T0 = 1_700_000_000.0
@@ -56,7 +56,7 @@ async def open_client() -> AsyncIterator[tuple[aiohttp.ClientSession, Shell]]:
     router = Router()
     logs_api.add_routes(router, shell)
     telemetry_api.add_routes(router, shell)
-    server = Server(router)
+    server = HttpServer(router)
     host, port = await server.listen("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://{host}:{port}") as client:

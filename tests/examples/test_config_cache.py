@@ -14,10 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from lambdabox.core.model import Response
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import InvokeResult, TelemetryEvent
-from lambdabox.shell import Environment
-from lambdabox.template import load_template
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import InvokeResult, TelemetryEvent
+from lambdabox.environment.runner import Environment
+from lambdabox.template.load import load_template
 from support import run
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "config-cache"

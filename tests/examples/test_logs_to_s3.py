@@ -22,10 +22,10 @@ import pytest
 from botocore.exceptions import ClientError
 
 from lambdabox.core.model import Response
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import InvokeResult
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import InvokeResult
 from lambdabox.sandbox import outbound
-from lambdabox.template import load_template
+from lambdabox.template.load import load_template
 from support import Recorder, run
 
 TEMPLATE = Path(__file__).parents[2] / "examples" / "logs-to-s3" / "template.yaml"

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from lambdabox.core.model import LambdaFailure, Response
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import InvokeResult
-from lambdabox.template import load_template
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import InvokeResult
+from lambdabox.template.load import load_template
 from support import Recorder, run
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "secrets-at-cold-start"

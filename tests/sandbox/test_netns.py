@@ -23,9 +23,9 @@ from aiohttp import web
 
 from lambdabox.core.model import Response
 from lambdabox.core.telemetry import parse_telemetry_subscription
-from lambdabox.delivery import TelemetryHub
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import TelemetryEvent
+from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import TelemetryEvent
 from lambdabox.sandbox.netns import NetNamespace
 from support import Collector, collector, make_function, run
 

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from lambdabox.api.httpserver import Request, Response, Router, json_response, read_json
-from lambdabox.api.shell import Shell
+from lambdabox.api.ports import Shell
 from lambdabox.core.errors import ApiError
 from lambdabox.core.facts import ExtensionErrorPosted, ExtensionRegistered, ExtensionRequestedNext
 

@@ -137,7 +137,7 @@ def _encode(response: Response, keep_alive: bool) -> bytes:
 class _Connection(asyncio.Protocol):
     """One client connection: parses requests, answers them one after another, in order."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -237,7 +237,7 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
-class Server:
+class HttpServer:
     """Serves ``router`` on any number of listening sockets until ``close``."""
 
     def __init__(self, router: Router) -> None:

@@ -6,7 +6,7 @@ import functools
 import json
 
 from lambdabox.api.httpserver import Request, Response, Router, json_response
-from lambdabox.api.shell import Shell
+from lambdabox.api.ports import Shell
 from lambdabox.core.errors import ApiError
 from lambdabox.core.facts import ErrorPosted, InitErrorPosted, ResponsePosted, RuntimeRequestedNext
 

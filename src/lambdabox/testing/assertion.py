@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lambdabox.core.model import FunctionFailure, Response
-from lambdabox.report import TelemetryEvent
+from lambdabox.environment.report import TelemetryEvent
 from lambdabox.testing.function import ExtensionEvent, Invocation, last_lines
 
 LISTED = 60  # labels shown in an order failure

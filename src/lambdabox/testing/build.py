@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lambdabox.core.model import FunctionConfig, LayerConfig
-from lambdabox.environment import Options
-from lambdabox.template import load_template
+from lambdabox.environment.opening import Options
+from lambdabox.template.load import load_template
 from lambdabox.testing.function import START_TIMEOUT_S, LambdaFunction
 
 PYTHON_RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"  # the interpreter running the tests

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 from lambdabox.core import facts as f
 from lambdabox.core.model import FunctionConfig, LambdaFailure, Outcome, Response
 from lambdabox.core.state import INIT_TIMEOUT_S
-from lambdabox.environment import Options, open_environment
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import InvokeResult, Report, TelemetryEvent
+from lambdabox.environment.runner import SHUTDOWN_SLACK_S, Environment
 from lambdabox.loop import new_event_loop
-from lambdabox.report import InvokeResult, Report, TelemetryEvent
-from lambdabox.shell import SHUTDOWN_SLACK_S, Environment
 
 START_TIMEOUT_S = 120.0  # staging, isolation, and the first use of a runtime, which installs its client
 SHUTDOWN_TIMEOUT_S = 30.0  # Lambda's shutdown budget is 2 s; the rest is for reaping

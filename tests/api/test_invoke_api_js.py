@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from server_support import READ_TIMEOUT_S, serving, write_template
+from server_support import ARN, FUNCTIONS, READ_TIMEOUT_S, TOO_MANY_EXTENSIONS, crowd_layer, serving, write_template
 from support import FIXTURES, run
-from test_invoke_api import ARN, FUNCTIONS, TOO_MANY_EXTENSIONS, crowd_layer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SDK_DIR = Path(os.environ.get("LAMBDABOX_NODE_SDK_DIR") or REPO / ".lambdabox" / "node-sdk")
 NODE = shutil.which("node")
 if NODE is None:

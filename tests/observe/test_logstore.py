@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from lambdabox.logstore import (
+from lambdabox.environment.report import TelemetryEvent
+from lambdabox.observe.logstore import (
     LogStore,
     StreamRecorder,
     decode_name,
@@ -19,7 +20,6 @@ from lambdabox.logstore import (
     group_name,
     open_logged_environment,
 )
-from lambdabox.report import TelemetryEvent
 from server_support import serving, write_template
 from support import make_function, run
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from lambdabox.console import format_event
 from lambdabox.core.model import FunctionConfig
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import Observer, TelemetryEvent
-from lambdabox.shell import Environment
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import Observer, TelemetryEvent
+from lambdabox.environment.runner import Environment
+from lambdabox.observe.console import format_event
 
 ENV_VAR = "LAMBDABOX_LOG_DIR"
 DEFAULT_ROOT = Path(".lambdabox") / "logs"

@@ -13,30 +13,8 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from server_support import serving, write_template
+from server_support import ARN, FUNCTIONS, TOO_MANY_EXTENSIONS, crowd_layer, serving, write_template
 from support import run
-
-FUNCTIONS = """
-Echo:
-  Type: AWS::Serverless::Function
-  Properties: {Handler: invoke_handler.context, FunctionName: echo-fn}
-Logs:
-  Type: AWS::Serverless::Function
-  Properties: {Handler: handler.logs}
-Many:
-  Type: AWS::Serverless::Function
-  Properties: {Handler: handler.many_lines}
-Fail:
-  Type: AWS::Serverless::Function
-  Properties: {Handler: handler.fail}
-Crash:
-  Type: AWS::Serverless::Function
-  Properties: {Handler: handler.crash}
-Slow:
-  Type: AWS::Serverless::Function
-  Properties: {Handler: handler.sleep, Timeout: 1}
-"""
-ARN = "arn:aws:lambda:us-east-1:123456789012:function:echo-fn"
 
 
 def payload(response: dict[str, Any]) -> Any:
@@ -169,28 +147,6 @@ def test_function_errors_and_lambda_errors_are_200_with_unhandled(tmp_path: Path
             assert "FunctionError" not in again and payload(again) == "slept"  # the environment was reset
 
     run(main())
-
-
-TOO_MANY_EXTENSIONS = (
-    FUNCTIONS
-    + """
-Broken:
-  Type: AWS::Serverless::Function
-  Properties: {Handler: handler.ok, Layers: [!Ref Crowd]}
-Crowd:
-  Type: AWS::Serverless::LayerVersion
-  Properties: {ContentUri: crowd/}
-"""
-)
-
-
-def crowd_layer(tmp_path: Path) -> None:
-    """Eleven extensions: refused when the environment starts (the template itself is fine)."""
-    extensions = tmp_path / "crowd" / "extensions"
-    extensions.mkdir(parents=True)
-    for index in range(11):
-        (extensions / f"ext{index}").write_text("#!/bin/sh\nexit 0\n")
-        (extensions / f"ext{index}").chmod(0o755)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Opens one execution environment (:func:`open_environment`): stages its code and layers in a work directory,
 isolates it, serves its APIs, and on the way out shuts it down as Lambda does and cleans up. The environment it
-yields, the asyncio shell around the lifecycle core, is :class:`lambdabox.shell.Environment`.
+yields, the asyncio shell around the lifecycle core, is :class:`lambdabox.environment.runner.Environment`.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ from lambdabox.api import extensions as extensions_api
 from lambdabox.api import logs as logs_api
 from lambdabox.api import runtime as runtime_api
 from lambdabox.api import telemetry as telemetry_api
-from lambdabox.api.httpserver import Router, Server
+from lambdabox.api.httpserver import HttpServer, Router
 from lambdabox.core.errors import ConfigError
 from lambdabox.core.extensions import MAX_EXTENSIONS
 from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionConfig
 from lambdabox.core.state import Settings
-from lambdabox.report import Observer
+from lambdabox.environment.report import Observer
+from lambdabox.environment.runner import SHUTDOWN_SLACK_S, Environment
 from lambdabox.sandbox.filesystem import stage_function
 from lambdabox.sandbox.isolation import open_isolation
 from lambdabox.sandbox.namespace import Layout
 from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.runtime import find_node_ric, resolve_runtime
-from lambdabox.shell import SHUTDOWN_SLACK_S, Environment
 
 RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)  # where Lambda serves the APIs, inside the environment's namespace
 
@@ -108,7 +108,7 @@ async def open_environment(
         if (net := env._isolation.net_namespace) is not None:
             env.netns = stack.enter_context(NetNamespace(net))
             env.hub.socket_factory = env.netns.socket
-        server = Server(router)
+        server = HttpServer(router)
         stack.push_async_callback(server.close)
         await _serve(server, env)
         env.degraded = env._isolation.degraded
@@ -122,7 +122,7 @@ async def open_environment(
             await _drain(env)
 
 
-async def _serve(server: Server, env: Environment) -> None:
+async def _serve(server: HttpServer, env: Environment) -> None:
     """Serve the APIs on an ephemeral port of the host's loopback (``host_api``), and, given a network namespace,
     inside it at 127.0.0.1:9001 as in Lambda (``runtime_api``); without one, the runtime uses the host's port."""
     host, port = await server.listen("127.0.0.1", 0)

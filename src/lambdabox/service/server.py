@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from lambdabox.api import invoke as invoke_api
-from lambdabox.api.httpserver import Router
-from lambdabox.api.httpserver import Server as HttpServer
+from lambdabox.api.httpserver import HttpServer, Router
 from lambdabox.api.invoke import Answer, function_name
-from lambdabox.asyncinvoke import EventQueue
 from lambdabox.core.model import FunctionConfig, Outcome
 from lambdabox.core.state import INIT_TIMEOUT_S
-from lambdabox.environment import Options
-from lambdabox.logstore import LogStore
-from lambdabox.pool import DEFAULT_KEEP_ALIVE_S, Capacity, Pool, Ran, default_max_concurrency
-from lambdabox.report import Observer
-from lambdabox.shell import SHUTDOWN_SLACK_S
-from lambdabox.template import Template
+from lambdabox.environment.opening import Options
+from lambdabox.environment.report import Observer
+from lambdabox.environment.runner import SHUTDOWN_SLACK_S
+from lambdabox.observe.logstore import LogStore
+from lambdabox.service.asyncinvoke import EventQueue
+from lambdabox.service.pool import DEFAULT_KEEP_ALIVE_S, Capacity, Pool, Ran, default_max_concurrency
+from lambdabox.template.load import Template
 
 DEFAULT_PORT = 3001  # as `sam local start-lambda`
 DEFAULT_DESTINATIONS = Path(".lambdabox") / "destinations.jsonl"

@@ -24,17 +24,17 @@ from lambdabox.core.model import FunctionConfig, Outcome
 from lambdabox.core.record import billed_ms
 from lambdabox.core.state import INIT_TIMEOUT_S
 from lambdabox.core.telemetry import Subscription
-from lambdabox.delivery import TelemetryHub
-from lambdabox.report import InvokeResult, Observer, Report, TelemetryEvent, report_record
-from lambdabox.sandbox.environ import extension_environment, function_environment, log_stream_name
+from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.report import InvokeResult, Observer, Report, TelemetryEvent, report_record
 from lambdabox.sandbox.filesystem import StagedCode
 from lambdabox.sandbox.isolation import Isolation
 from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.processes import OwnedProcess
 from lambdabox.sandbox.runtime import RuntimeCommand, runtime_dir_for
+from lambdabox.sandbox.variables import extension_environment, function_environment, log_stream_name
 
 if TYPE_CHECKING:
-    from lambdabox.environment import Options
+    from lambdabox.environment.opening import Options
 
 MIB = 1024 * 1024
 SHUTDOWN_SLACK_S = 5.0  # beyond Lambda's own deadlines, for the machine to reap what it killed

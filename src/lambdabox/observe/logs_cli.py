@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from lambdabox.core.errors import LambdaboxError
-from lambdabox.logstore import ENV_VAR, LogEvent, LogStore, group_name
-from lambdabox.template import load_template
+from lambdabox.observe.logstore import ENV_VAR, LogEvent, LogStore, group_name
+from lambdabox.template.load import load_template
 
 POLL_INTERVAL_S = 0.2  # --tail: how often the group's files are looked at
 DEFAULT_TEMPLATE = Path("template.yaml")

@@ -13,8 +13,8 @@ import pytest
 
 from lambdabox.core.errors import TemplateError
 from lambdabox.core.model import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, FunctionConfig, LayerConfig
-from lambdabox.intrinsic import load_yaml
-from lambdabox.template import (
+from lambdabox.template.intrinsic import load_yaml
+from lambdabox.template.load import (
     RESERVED_ENVIRONMENT_VARIABLES,
     SUPPORTED_RUNTIMES,
     Template,

@@ -22,8 +22,8 @@ from lambdabox.core.telemetry import (
     parse_telemetry_subscription,
     render,
 )
-from lambdabox.delivery import TelemetryHub
-from lambdabox.report import TelemetryEvent
+from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.report import TelemetryEvent
 from support import run
 
 T0 = 1_700_000_000.0

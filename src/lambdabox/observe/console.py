@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from lambdabox.report import TelemetryEvent
+from lambdabox.environment.report import TelemetryEvent
 
 
 def _ms(value: float) -> str:
@@ -61,7 +61,7 @@ class Console:
     """An observer that writes every event's log line to a stream (stderr by default), in order.
 
     ``after_report``, given an invoke's request id, returns lines to write right after its REPORT line (or None),
-    such as :meth:`lambdabox.timeline.Timeline.compact`; they are the console's own, not the function's log.
+    such as :meth:`lambdabox.observe.timeline.Timeline.compact`; they are the console's own, not the function's log.
     """
 
     def __init__(self, stream: TextIO | None = None, after_report: Callable[[str], str | None] | None = None) -> None:

@@ -32,10 +32,10 @@ from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionConfig
 from lambdabox.core.state import Settings
 from lambdabox.core.telemetry import parse_telemetry_subscription
-from lambdabox.delivery import TelemetryHub
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import InvokeResult, TelemetryEvent
-from lambdabox.timeline import AFTER, PLATFORM, RUNTIME, RUNTIME_INIT, Section, Timeline, render_html
+from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import InvokeResult, TelemetryEvent
+from lambdabox.observe.timeline import AFTER, PLATFORM, RUNTIME, RUNTIME_INIT, Section, Timeline, render_html
 from support import FIXTURES, PYTHON, Recorder, collector, extension_script, make_function, run
 
 T0 = 1_700_000_000.0

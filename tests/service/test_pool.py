@@ -17,10 +17,10 @@ from botocore.exceptions import ClientError
 from lambdabox.core import facts as mark
 from lambdabox.core.batching import Backoff
 from lambdabox.core.model import LambdaFailure, Response
-from lambdabox.environment import Options
-from lambdabox.pool import Capacity, Pool, Ran
-from lambdabox.report import TelemetryEvent
-from lambdabox.timeline import Timeline
+from lambdabox.environment.opening import Options
+from lambdabox.environment.report import TelemetryEvent
+from lambdabox.observe.timeline import Timeline
+from lambdabox.service.pool import Capacity, Pool, Ran
 from server_support import Events, Served, serving, write_template
 from support import extension_script, make_function, run
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from lambdabox.asyncinvoke import RETRY_DELAYS_S
+from lambdabox.service.asyncinvoke import RETRY_DELAYS_S
 from server_support import Served, serving, write_template
 from support import run
 

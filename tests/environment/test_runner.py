@@ -11,8 +11,8 @@ import pytest
 
 from lambdabox.core.errors import ConfigError
 from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
-from lambdabox.environment import Options, open_environment
-from lambdabox.report import InvokeResult
+from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.report import InvokeResult
 from support import Recorder, make_function, run
 
 

@@ -14,17 +14,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lambdabox.console import format_event
 from lambdabox.core import facts as mark
 from lambdabox.core.batching import Backoff
 from lambdabox.core.errors import ApiError
 from lambdabox.core.model import FunctionConfig, Outcome
 from lambdabox.core.provisioning import REPLACEMENT_BACKOFF, Provisioning, Replace
 from lambdabox.core.state import INIT_TIMEOUT_S
-from lambdabox.environment import Options
-from lambdabox.logstore import LogStore, open_logged_environment
-from lambdabox.report import InvokeResult, Observer, TelemetryEvent
-from lambdabox.shell import SHUTDOWN_SLACK_S, Environment
+from lambdabox.environment.opening import Options
+from lambdabox.environment.report import InvokeResult, Observer, TelemetryEvent
+from lambdabox.environment.runner import SHUTDOWN_SLACK_S, Environment
+from lambdabox.observe.console import format_event
+from lambdabox.observe.logstore import LogStore, open_logged_environment
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 TAIL_BYTES = 4096

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lambdabox.core.model import LATEST, FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
-from lambdabox.pool import Pool
+from lambdabox.service.pool import Pool
 
 RETRY_DELAYS_S = (60.0, 120.0)  # Lambda waits 1 minute before the first retry, 2 minutes before the second
 SUCCESS, RETRIES_EXHAUSTED, EVENT_AGE_EXCEEDED = "Success", "RetriesExhausted", "EventAgeExceeded"

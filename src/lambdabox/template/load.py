@@ -16,8 +16,8 @@ import yaml
 
 from lambdabox.core.errors import TemplateError
 from lambdabox.core.model import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, EventInvokeConfig, FunctionConfig, LayerConfig
-from lambdabox.eventconfig import EVENT_INVOKE_CONFIG, read_event_invoke
-from lambdabox.intrinsic import NO_VALUE, Resolver, Unresolvable, load_yaml, scalar_text
+from lambdabox.template.eventconfig import EVENT_INVOKE_CONFIG, read_event_invoke
+from lambdabox.template.intrinsic import NO_VALUE, Resolver, Unresolvable, load_yaml, scalar_text
 
 SUPPORTED_RUNTIMES: Final = frozenset(
     {f"python3.{minor}" for minor in range(9, 15)}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lambdabox.core.model import FunctionConfig
-from lambdabox.sandbox.environ import (
+from lambdabox.sandbox.variables import (
     RESERVED,
     RUNTIME_ONLY,
     execution_environment,

@@ -10,7 +10,7 @@ import pytest
 
 from lambdabox.core.errors import TemplateError
 from lambdabox.core.model import EventInvokeConfig
-from lambdabox.template import load_template
+from lambdabox.template.load import load_template
 
 HEADER = """
 Parameters:
