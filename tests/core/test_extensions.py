@@ -230,7 +230,7 @@ def test_at_most_ten_extensions() -> None:
 def test_external_extensions_start_first_and_the_runtime_waits_for_every_registration() -> None:
     env = Env("a", "b")
     commands = env.do(InvokeRequested(invoke()))
-    assert of_type(commands, StartExtension) == [StartExtension("a"), StartExtension("b")]
+    assert of_type(commands, StartExtension) == [StartExtension("a", 1), StartExtension("b", 1)]  # the first Init
     assert not of_type(commands, StartRuntime)
 
     commands = env.register("a")
@@ -239,7 +239,7 @@ def test_external_extensions_start_first_and_the_runtime_waits_for_every_registr
 
     commands = env.register("b", ("INVOKE",))
     assert platform(commands, "platform.extension") == [{"name": "b", "state": "Ready", "events": ["INVOKE"]}]
-    assert one(commands, StartRuntime) == StartRuntime("on-demand")
+    assert one(commands, StartRuntime) == StartRuntime("on-demand", 1)
 
 
 def test_init_ends_only_when_every_extension_called_next() -> None:

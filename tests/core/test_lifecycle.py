@@ -43,7 +43,7 @@ from lambdabox.core.facts import (
 )
 from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
-from lambdabox.core.state import Phase, Settings
+from lambdabox.core.state import Phase, Settings, State
 
 ARN = "arn:aws:lambda:us-east-1:123456789012:function:fn"
 
@@ -150,7 +150,7 @@ def test_invoke_from_uninitialized_starts_init_and_the_runtime() -> None:
 
     assert env.phase is Phase.INIT
     assert ArmTimer(Timer.INIT, T0 + 10.0) in commands
-    assert one(commands, StartRuntime) == StartRuntime("on-demand")
+    assert one(commands, StartRuntime) == StartRuntime("on-demand", generation=1)
     start = record(commands, "platform.initStart")
     assert start["initializationType"] == "on-demand"
     assert start["phase"] == "init"
@@ -235,7 +235,7 @@ def test_function_error_is_handed_to_the_caller_and_reported() -> None:
 def test_init_requested_inits_ahead_of_any_invoke_and_freezes() -> None:
     env = Env()
     commands = env.do(InitRequested("provisioned-concurrency"))
-    assert one(commands, StartRuntime) == StartRuntime("provisioned-concurrency")
+    assert one(commands, StartRuntime) == StartRuntime("provisioned-concurrency", generation=1)
     assert record(commands, "platform.initStart")["initializationType"] == "provisioned-concurrency"
 
     commands = env.at(0.5).do(RuntimeRequestedNext())
@@ -337,7 +337,7 @@ def test_timeout_with_an_extension_terminates_the_runtime_then_shuts_extensions_
     commands = env.at(5.0).do(InvokeRequested(invoke("req-2")))
     assert env.phase is Phase.INIT
     assert platform(commands, "platform.initStart")
-    assert one(commands, StartExtension) == StartExtension("ext")
+    assert one(commands, StartExtension) == StartExtension("ext", generation=2)  # the Init after the reset
     assert not of_type(commands, StartRuntime)  # waits for the extension to register again
 
 
@@ -381,7 +381,7 @@ def test_runtime_crash_during_invoke_is_a_runtime_exit_error() -> None:
 def test_runtime_killed_for_memory_is_out_of_memory() -> None:
     env = Env()
     env.cold_invoke()
-    commands = env.at(0.5).do(ProcessExited(None, -9, out_of_memory=True))
+    commands = env.at(0.5).do(ProcessExited(None, -9, oom_kills=1))
 
     outcome = one(commands, Respond).outcome
     assert isinstance(outcome, LambdaFailure)
@@ -744,8 +744,8 @@ def test_an_invoke_that_arrives_during_a_reset_waits_for_it_and_starts_the_next_
 
     assert env.at(1.3).do(InvokeRequested(invoke("req-2"))) == []  # queued, not refused
     with pytest.raises(ApiError) as caught:
-        env.do(InvokeRequested(invoke("req-3")))  # only one may wait
-    assert caught.value.status == 403
+        env.do(InvokeRequested(invoke("req-3")))  # only one may wait, as during an Init
+    assert (caught.value.status, caught.value.error_type) == (429, "TooManyRequestsException")
 
     env.at(1.4).do(ProcessExited(None, -15))
     commands = env.at(1.5).do(ProcessExited("ext", 0))
@@ -796,3 +796,29 @@ def test_a_crash_during_an_invoke_is_a_platform_fault_but_a_timeout_is_not() -> 
     timed_out.cold_invoke()
     commands = timed_out.at(2.0).do(DeadlinePassed(Timer.INVOKE))
     assert not [c for c in of_type(commands, EmitPlatformEvent) if c.type == "platform.fault"]
+
+
+def test_a_reset_turned_into_the_final_shutdown_answers_the_invoke_waiting_for_it() -> None:
+    env = Env(timeout_s=1.0, extensions=("ext",))
+    env.do(InvokeRequested(invoke()))
+    env.do(ExtensionRegistered("ext", ("INVOKE", "SHUTDOWN"), "id-ext"))
+    env.at(0.25).do(RuntimeRequestedNext())
+    env.do(ExtensionRequestedNext("id-ext"))
+    env.at(1.25).do(DeadlinePassed(Timer.INVOKE))  # reset under way
+    env.at(1.3).do(InvokeRequested(invoke("req-2")))  # waits for the next Init
+    commands = env.at(1.35).do(ShutdownRequested())
+    outcome = one(commands, Respond).outcome
+    assert isinstance(outcome, LambdaFailure) and outcome.error_type == "Sandbox.Shutdown"
+    assert one(commands, FinishInvoke).request_id == "req-2"
+    env.at(1.4).do(ProcessExited(None, -15))
+    commands = env.at(1.5).do(ProcessExited("ext", 0))
+    assert one(commands, FinishShutdown) == FinishShutdown("timeout", reset=False)
+    assert env.phase is Phase.GONE
+
+
+def test_the_runtime_cannot_ask_for_an_event_before_it_is_started() -> None:
+    env = Env(extensions=("ext",))
+    env.do(InvokeRequested(invoke()))
+    assert env.lc.state is State.EXTENSION_INIT  # the runtime starts once every extension has registered
+    error = denied(env, RuntimeRequestedNext())
+    assert (error.status, error.error_type) == (403, "InvalidStateTransition")

@@ -1,6 +1,7 @@
-"""The Extensions API's bookkeeping: who registered, for which events, and what each one is doing now.
+"""The Extensions API's bookkeeping: who registered, for which events, what each one is doing now, and the events
+handed to each (at once when it waits in /event/next, else at its next call).
 
-Pure data and rules (no I/O): registration validation, the 10-extension limit, identifier lookup.
+Pure data and rules (no I/O): registration validation, the 10-extension limit, identifier lookup, the shutdown budget.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lambdabox.core.errors import ApiError
+from lambdabox.core import facts as f
+from lambdabox.core.errors import ApiError, ErrorType
+from lambdabox.core.output import Output
 
 MAX_EXTENSIONS = 10
 EVENT_TYPES = frozenset({"INVOKE", "SHUTDOWN"})
@@ -52,27 +55,31 @@ class ExtensionRegistry:
 
     def register(self, name: str, events: Iterable[str], identifier: str, *, runtime_started: bool) -> Extension:
         if not name:
-            raise ApiError(400, "Extension.InvalidExtensionName", "Lambda-Extension-Name header is required")
+            raise ApiError(400, ErrorType.EXTENSION_INVALID_NAME, "Lambda-Extension-Name header is required")
         events = frozenset(events)
         unknown = events - EVENT_TYPES
         if unknown:
             raise ApiError(
-                400, "Extension.InvalidEventType", f"unknown event types {sorted(unknown)}; allowed: INVOKE, SHUTDOWN"
+                400,
+                ErrorType.EXTENSION_INVALID_EVENT_TYPE,
+                f"unknown event types {sorted(unknown)}; allowed: INVOKE, SHUTDOWN",
             )
         if any(ext.name == name for ext in self._by_id.values()):
-            raise ApiError(403, "Extension.AlreadyRegistered", f"extension {name!r} is already registered")
+            raise ApiError(403, ErrorType.EXTENSION_ALREADY_REGISTERED, f"extension {name!r} is already registered")
         external = name in self.external_names
         if not external and not runtime_started:
             raise ApiError(
                 403,
-                "Extension.UnknownExtension",
+                ErrorType.EXTENSION_UNKNOWN,
                 f"{name!r} is not an executable in /opt/extensions; Lambda-Extension-Name must be its file name",
             )
         if not external and "SHUTDOWN" in events:
-            raise ApiError(400, "Extension.InvalidEventType", "internal extensions cannot register for SHUTDOWN")
+            raise ApiError(
+                400, ErrorType.EXTENSION_INVALID_EVENT_TYPE, "internal extensions cannot register for SHUTDOWN"
+            )
         if len(self._by_id) >= MAX_EXTENSIONS:
             raise ApiError(
-                400, "Extension.TooManyExtensions", f"a function may have at most {MAX_EXTENSIONS} extensions"
+                400, ErrorType.EXTENSION_TOO_MANY, f"a function may have at most {MAX_EXTENSIONS} extensions"
             )
         extension = Extension(name, identifier, events, external)
         self._by_id[identifier] = extension
@@ -82,8 +89,14 @@ class ExtensionRegistry:
         extension = self._by_id.get(identifier or "")
         if extension is None:
             raise ApiError(
-                403, "Extension.UnknownExtensionIdentifier", "missing or unknown Lambda-Extension-Identifier"
+                403, ErrorType.EXTENSION_UNKNOWN_IDENTIFIER, "missing or unknown Lambda-Extension-Identifier"
             )
+        return extension
+
+    def exited(self, identifier: str | None) -> Extension:
+        """The extension reported an error: it takes no further part."""
+        extension = self.get(identifier)
+        extension.state = ExtensionState.EXITED
         return extension
 
     def by_name(self, name: str) -> Extension | None:
@@ -98,3 +111,45 @@ class ExtensionRegistry:
 
     def subscribed(self, event_type: str) -> list[Extension]:
         return [ext for ext in self.live() if event_type in ext.events]
+
+    def all_waiting(self, event_type: str | None = None) -> bool:
+        """Whether every live extension (registered for ``event_type``, if given) waits in /event/next."""
+        found = self.live() if event_type is None else self.subscribed(event_type)
+        return all(ext.state is ExtensionState.WAITING for ext in found)
+
+    def shutdown_budget(self) -> tuple[float, float]:
+        """Lambda's shutdown budget and the runtime's share of it, in seconds: 2000 / 300 ms with external extensions
+        (500 ms for the runtime with an internal one too), 500 / 500 with internal ones only, else 0."""
+        internal = any(not ext.external for ext in self._by_id.values())
+        if self.external_names:
+            return 2.0, 0.5 if internal else 0.3
+        return (0.5, 0.5) if internal else (0.0, 0.0)
+
+    def waiting(
+        self, identifier: str | None, out: Output, *, flush_until: float | None = None, **mark: Any
+    ) -> Extension:
+        """The extension called /event/next (``mark``: the phase, the request): it waits, or is handed the event
+        kept for it."""
+        extension = self.get(identifier)
+        extension.state = ExtensionState.WAITING
+        out.mark(f.NEXT, extension.name, **mark)
+        if extension.pending:
+            self._deliver(extension, extension.pending.pop(0), out, flush_until)
+        return extension
+
+    def send(self, identifier: str, event: dict[str, Any], out: Output, *, flush_until: float | None = None) -> None:
+        """Hand ``event`` to the extension now if it waits in /event/next, else at its next call. ``flush_until``:
+        before a SHUTDOWN, the records produced so far are delivered to the subscribers (until then at most)."""
+        extension = self.get(identifier)
+        if extension.state is ExtensionState.WAITING:
+            self._deliver(extension, event, out, flush_until)
+        else:
+            extension.pending.append(event)
+
+    def _deliver(self, extension: Extension, event: dict[str, Any], out: Output, flush_until: float | None) -> None:
+        extension.state = ExtensionState.BUSY
+        if event["eventType"] == "SHUTDOWN" and flush_until is not None:
+            out.add(f.FlushTelemetry(flush_until))
+        out.add(f.DeliverExtensionEvent(extension.identifier, event))
+        extra = {"requestId": event["requestId"]} if "requestId" in event else {}
+        out.mark(f.EVENT_DELIVERED, extension.name, eventType=event["eventType"], **extra)

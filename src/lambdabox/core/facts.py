@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lambdabox.core.model import Outcome
+from lambdabox.core.telemetry import Subscription
 
 
 class Timer(enum.Enum):
@@ -93,10 +94,20 @@ class InitErrorPosted:
 
 
 @dataclass(frozen=True)
+class SubscriptionRequested:
+    """An extension's ``PUT`` to the Logs API (``api`` "logs") or the Telemetry API ("telemetry"), body as parsed."""
+
+    api: str
+    identifier: str | None
+    body: object
+
+
+@dataclass(frozen=True)
 class ProcessExited:
     extension: str | None  # None: the runtime
     returncode: int
-    out_of_memory: bool = False
+    oom_kills: int | None = None  # the memory cgroup's OOM kill count when it ended; None where none is counted
+    generation: int | None = None  # the Init that started it (from its Start command); None: the current one
 
 
 @dataclass(frozen=True)
@@ -115,21 +126,26 @@ Fact = (
     | ResponsePosted
     | ErrorPosted
     | InitErrorPosted
+    | SubscriptionRequested
     | ProcessExited
     | DeadlinePassed
 )
 
 # ---- commands ------------------------------------------------------------------------------------------------
+# Carried out in order. Those in AWAITED take time (a process to spawn or reap, deliveries to settle); the shell
+# carries out every other one at once, and none behind an awaited command before that one is done.
 
 
 @dataclass(frozen=True)
 class StartExtension:
     name: str
+    generation: int = 0  # which Init started it: handed back in its ProcessExited
 
 
 @dataclass(frozen=True)
 class StartRuntime:
     initialization_type: str
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -212,6 +228,47 @@ class EmitPlatformEvent:
 
 
 @dataclass(frozen=True)
+class FinishInit:
+    """Init is over: ``status`` success, or error with ``error_type``."""
+
+    status: str
+    error_type: str | None = None
+
+
+@dataclass(frozen=True)
+class OpenSubscriptions:
+    """A new Init: the previous Init's Logs and Telemetry API subscribers are retired, and the records of this Init
+    are kept for the extensions that subscribe during it."""
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """Deliver records to this extension's listener (a subscription the core accepted)."""
+
+    extension: str
+    subscription: Subscription
+
+
+@dataclass(frozen=True)
+class CloseSubscriptions:
+    """Init is over: no extension subscribes until the next Init; its records need no longer be kept."""
+
+
+@dataclass(frozen=True)
+class FlushTelemetry:
+    """Deliver every record produced so far to the subscribers, waiting until ``until`` (epoch seconds) at most."""
+
+    until: float
+
+
+@dataclass(frozen=True)
+class PauseTelemetry:
+    """Before a freeze: start no new delivery, and wait (until ``until`` at most) for those under way to end."""
+
+    until: float
+
+
+@dataclass(frozen=True)
 class FinishShutdown:
     """Every process is gone; ``reset`` means the environment can initialise again."""
 
@@ -234,8 +291,15 @@ Command = (
     | Freeze
     | Thaw
     | EmitPlatformEvent
+    | FinishInit
+    | OpenSubscriptions
+    | Subscribe
+    | CloseSubscriptions
+    | FlushTelemetry
+    | PauseTelemetry
     | FinishShutdown
 )
+AWAITED: frozenset[type] = frozenset({StartExtension, StartRuntime, KillAll, FlushTelemetry, PauseTelemetry})
 
 # ---- lambdabox.* events: the moments a timeline of the lifecycle is drawn from -----------------------------------
 # With ``Settings.marks`` on, the core emits these as EmitPlatformEvent at its ``now``, beside Lambda's own platform

@@ -4,6 +4,7 @@ parameters. Batching is in :mod:`lambdabox.core.batching`."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import time
@@ -12,17 +13,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 from urllib.parse import urlsplit
 
-from lambdabox.core.errors import ApiError
+from lambdabox.core.errors import ApiError, ErrorType
 
 LOGS = "logs"
 TELEMETRY = "telemetry"
 CATEGORIES = ("platform", "function", "extension")
 LOGS_SCHEMAS = ("2020-08-15", "2021-03-18")  # the second adds platform.runtimeDone
 TELEMETRY_SCHEMAS = ("2022-07-01", "2022-12-13", "2025-01-29")
-ERROR_TYPE = {LOGS: "Logs.ValidationError", TELEMETRY: "ValidationError"}
+API_NAMES = {LOGS: "Logs", TELEMETRY: "Telemetry"}
+ERROR_TYPE = {LOGS: ErrorType.LOGS_VALIDATION, TELEMETRY: ErrorType.TELEMETRY_VALIDATION}
 CLOSED = {
-    LOGS: ("Logs.SubscriptionClosed", "Logs API subscription is closed already"),
-    TELEMETRY: ("Telemetry.SubscriptionClosed", "Telemetry API subscription is closed already"),
+    LOGS: (ErrorType.LOGS_SUBSCRIPTION_CLOSED, "Logs API subscription is closed already"),
+    TELEMETRY: (ErrorType.TELEMETRY_SUBSCRIPTION_CLOSED, "Telemetry API subscription is closed already"),
 }
 SUBSCRIPTION_TYPE = {LOGS: "platform.logsSubscription", TELEMETRY: "platform.telemetrySubscription"}
 DROPPED_REASON = "Consumer seems to have fallen behind as it has not acknowledged receipt of logs."
@@ -70,15 +72,16 @@ class Subscription:
 
 def parse_logs_subscription(body: object) -> Subscription:
     """A ``PUT /2020-08-15/logs`` body, or ApiError 400 ``Logs.ValidationError`` naming every problem."""
-    return _parse(body, LOGS)
+    return parse(LOGS, body)
 
 
 def parse_telemetry_subscription(body: object) -> Subscription:
     """A ``PUT /2022-07-01/telemetry`` body, or ApiError 400 ``ValidationError`` naming every problem."""
-    return _parse(body, TELEMETRY)
+    return parse(TELEMETRY, body)
 
 
-def _parse(body: object, api: str) -> Subscription:
+def parse(api: str, body: object) -> Subscription:
+    """A subscription body of ``api`` (LOGS or TELEMETRY), or ApiError 400 with that API's error type."""
     if not isinstance(body, dict):
         raise ApiError(400, ERROR_TYPE[api], "request body must be a JSON object")
     problems: list[str] = []
@@ -212,16 +215,15 @@ def category(type_: str) -> str:
     return "platform" if type_.startswith("platform.") else type_
 
 
-_second_memo: list[Any] = [None, ""]  # the last second formatted: records come in bursts within one second
+@functools.lru_cache(maxsize=8)  # records come in bursts within a second; thread-safe, as lambdabox.testing needs
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def iso_time(epoch: float) -> str:
     """``2022-10-12T00:00:15.064Z``: ISO-8601, UTC, milliseconds."""
     second, ms = divmod(round(epoch * 1000), 1000)
-    memo = _second_memo
-    if memo[0] != second:
-        memo[0], memo[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{memo[1]}.{ms:03d}Z"
+    return f"{_second(second)}.{ms:03d}Z"
 
 
 # Fields that came with a later Telemetry schema version, removed for subscribers of an earlier one.
