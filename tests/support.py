@@ -8,7 +8,7 @@ import shutil
 import socket
 import sys
 import zipfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from aiohttp import web
 
 from lambdabox.core.model import FunctionConfig, LayerConfig
 from lambdabox.environment.opening import open_environment
-from lambdabox.environment.report import TelemetryEvent
+from lambdabox.environment.report import Observer, TelemetryEvent
 from lambdabox.environment.runner import Environment
 from lambdabox.loop import run as run_loop
 
@@ -144,8 +144,10 @@ def sleeping_function(tmp_path: Path, extensions: tuple[str, ...] = ()) -> Funct
 
 
 @asynccontextmanager
-async def playing_runtime(config: FunctionConfig) -> AsyncIterator[tuple[Environment, aiohttp.ClientSession, str]]:
-    async with open_environment(config) as env, aiohttp.ClientSession() as http:
+async def playing_runtime(
+    config: FunctionConfig, observers: Iterable[Observer] = ()
+) -> AsyncIterator[tuple[Environment, aiohttp.ClientSession, str]]:
+    async with open_environment(config, None, observers) as env, aiohttp.ClientSession() as http:
         yield env, http, f"http://{env.host_api}"
 
 

@@ -7,15 +7,29 @@ from pathlib import Path
 
 import aiohttp
 
+from lambdabox.environment.report import TelemetryEvent
 from lambdabox.environment.runner import Environment
 from support import RUNTIME, playing_runtime, run, sleeping_function
 
 EXTENSION = "/2020-01-01/extension"
 
 
+class RuntimeDone:
+    """An observer: set once the runtime is done with an invoke (platform.runtimeDone)."""
+
+    def __init__(self) -> None:
+        self.seen = asyncio.Event()
+
+    def __call__(self, event: TelemetryEvent) -> None:
+        if event.type == "platform.runtimeDone":
+            self.seen.set()
+
+
 def test_register_next_and_errors(tmp_path: Path) -> None:
+    runtime_done = RuntimeDone()
+
     async def go() -> None:
-        async with playing_runtime(sleeping_function(tmp_path, ("agent",))) as (env, http, base):
+        async with playing_runtime(sleeping_function(tmp_path, ("agent",)), [runtime_done]) as (env, http, base):
             await scenario(env, http, base)
 
     async def scenario(env: Environment, http: aiohttp.ClientSession, base: str) -> None:
@@ -57,11 +71,9 @@ def test_register_next_and_errors(tmp_path: Path) -> None:
         assert set(event) == {"eventType", "deadlineMs", "requestId", "invokedFunctionArn", "tracing"}
         async with http.post(f"{base}{RUNTIME}/invocation/{request_id}/response", data=b"1") as resp:
             assert resp.status == 202
-        runtime_done = asyncio.Event()
-        env.observers.append(lambda event: runtime_done.set() if event.type == "platform.runtimeDone" else None)
         runtime_next = asyncio.create_task(http.get(f"{base}{RUNTIME}/invocation/next"))
         async with asyncio.timeout(5):
-            await runtime_done.wait()  # the runtime has asked for its next event...
+            await runtime_done.seen.wait()  # the runtime has asked for its next event...
         await env.settled()
         assert env.lifecycle.phase.value == "invoke"  # ...but the extension has not: the invoke goes on
         assert not invoking.done()

@@ -1,5 +1,5 @@
 """The Logs and Telemetry API handlers over real HTTP: 200 "OK", Lambda's error bodies, the identifier check, and
-subscriptions closing with Init. The shell is a small stand-in built on a real TelemetryHub."""
+subscriptions closing with Init. Behind them, a small stand-in for the environment feeds a real lifecycle core."""
 
 from __future__ import annotations
 
@@ -12,11 +12,19 @@ import aiohttp
 
 from lambdabox.api import logs as logs_api
 from lambdabox.api import telemetry as telemetry_api
-from lambdabox.api.httpserver import HttpServer, Router
-from lambdabox.core.errors import ApiError
-from lambdabox.core.telemetry import Subscription
-from lambdabox.environment.delivery import TelemetryHub
-from lambdabox.environment.report import TelemetryEvent
+from lambdabox.api.httpserver import Router, open_http_server
+from lambdabox.core.facts import (
+    Command,
+    EmitPlatformEvent,
+    ExtensionRegistered,
+    ExtensionRequestedNext,
+    Fact,
+    InitRequested,
+    RuntimeRequestedNext,
+    Subscribe,
+)
+from lambdabox.core.lifecycle import Lifecycle
+from lambdabox.core.state import Settings
 from support import run
 
 T0 = 1_700_000_000.0
@@ -27,43 +35,48 @@ DESTINATION = {"protocol": "HTTP", "URI": "http://sandbox.localdomain:4243/"}
 
 
 @dataclass
-class Shell:
-    """What the environment provides: names for identifiers, and subscribe = hub.subscribe + emit its record."""
+class Port:
+    """What the environment provides the handlers: facts submitted to the core; here, an Init with "my-ext"
+    registered, and the commands the core gave back kept."""
 
-    hub: TelemetryHub
-    names: dict[str, str] = field(default_factory=lambda: {ID: "my-ext"})
-    emitted: list[TelemetryEvent] = field(default_factory=list)
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(Settings("fn", "$LATEST", 3.0, ("my-ext",))))
+    commands: list[Command] = field(default_factory=list)
 
-    def extension_name(self, identifier: str | None) -> str:
-        if identifier not in self.names:
-            raise ApiError(
-                403, "Extension.UnknownExtensionIdentifier", "missing or unknown Lambda-Extension-Identifier"
-            )
-        return self.names[identifier]
+    def __post_init__(self) -> None:
+        self.submit(InitRequested())
+        self.submit(ExtensionRegistered("my-ext", (), ID))
+        self.commands.clear()
 
-    def subscribe(self, extension_name: str, subscription: Subscription) -> None:
-        emitted = self.hub.subscribe(extension_name, subscription)
-        if emitted is not None:
-            event = TelemetryEvent(T0, *emitted)
-            self.emitted.append(event)
-            self.hub.observe(event)
+    def now(self) -> float:
+        return T0
+
+    def submit(self, fact: Fact) -> None:
+        self.commands.extend(self.lifecycle.handle(fact, T0))
+
+    @property
+    def emitted(self) -> list[tuple[str, Any]]:
+        return [(c.type, c.record) for c in self.commands if isinstance(c, EmitPlatformEvent)]
+
+    @property
+    def subscribed(self) -> list[str]:
+        return [c.extension for c in self.commands if isinstance(c, Subscribe)]
+
+    def end_init(self) -> None:
+        self.submit(RuntimeRequestedNext())
+        self.submit(ExtensionRequestedNext(ID))
+        self.commands.clear()
 
 
 @contextlib.asynccontextmanager
-async def open_client() -> AsyncIterator[tuple[aiohttp.ClientSession, Shell]]:
-    hub = TelemetryHub()
-    shell = Shell(hub)
+async def open_client() -> AsyncIterator[tuple[aiohttp.ClientSession, Port]]:
+    port = Port()
     router = Router()
-    logs_api.add_routes(router, shell)
-    telemetry_api.add_routes(router, shell)
-    server = HttpServer(router)
-    host, port = await server.listen("127.0.0.1", 0)
-    try:
-        async with aiohttp.ClientSession(f"http://{host}:{port}") as client:
-            yield client, shell
-    finally:
-        await server.close()
-        await hub.close()
+    logs_api.add_routes(router, port)
+    telemetry_api.add_routes(router, port)
+    async with open_http_server(router) as server:
+        host, number = await server.listen("127.0.0.1", 0)
+        async with aiohttp.ClientSession(f"http://{host}:{number}") as client:
+            yield client, port
 
 
 async def put(client: aiohttp.ClientSession, path: str, body: Any, **headers: str) -> Any:
@@ -75,24 +88,25 @@ async def put(client: aiohttp.ClientSession, path: str, body: Any, **headers: st
 
 def test_telemetry_subscription_answers_200_ok() -> None:
     async def scenario() -> None:
-        async with open_client() as (client, shell):
+        async with open_client() as (client, port):
             body = {"schemaVersion": "2022-12-13", "types": ["platform"], "destination": DESTINATION}
             assert await put(client, TELEMETRY, body) == (200, "application/json", "OK")
-            assert [(e.type, e.record) for e in shell.emitted] == [
+            assert port.emitted == [
                 ("platform.telemetrySubscription", {"name": "my-ext", "state": "Subscribed", "types": ["platform"]})
             ]
+            assert port.subscribed == ["my-ext"]
             assert (await put(client, TELEMETRY, body))[:1] == (200,)  # again: idempotent, nothing new emitted
-            assert len(shell.emitted) == 1
+            assert len(port.emitted) == 1 and port.subscribed == ["my-ext"]
 
     run(scenario())
 
 
 def test_logs_subscription_answers_200_ok() -> None:
     async def scenario() -> None:
-        async with open_client() as (client, shell):
+        async with open_client() as (client, port):
             body = {"types": ["platform", "function"], "destination": {"protocol": "TCP", "port": 4244}}
             assert (await put(client, LOGS, body))[::2] == (200, "OK")
-            assert shell.emitted[0].type == "platform.logsSubscription"
+            assert port.emitted[0][0] == "platform.logsSubscription"
 
     run(scenario())
 
@@ -111,7 +125,7 @@ def test_an_unknown_or_missing_identifier_is_forbidden() -> None:
 
 def test_validation_errors_have_each_apis_error_type() -> None:
     async def scenario() -> None:
-        async with open_client() as (client, shell):
+        async with open_client() as (client, port):
             bad = {
                 "schemaVersion": "2022-07-01",
                 "types": [],
@@ -129,15 +143,15 @@ def test_validation_errors_have_each_apis_error_type() -> None:
                 assert (status, error["errorType"]) == (400, error_type)
                 status, _, error = await put(client, path, b"")
                 assert (status, error["errorType"]) == (400, error_type)
-            assert shell.emitted == []
+            assert port.emitted == [] and port.subscribed == []
 
     run(scenario())
 
 
 def test_subscribing_after_init_is_refused() -> None:
     async def scenario() -> None:
-        async with open_client() as (client, shell):
-            shell.hub.observe(TelemetryEvent(T0, "platform.initReport", {"phase": "init", "status": "success"}))
+        async with open_client() as (client, port):
+            port.end_init()
             body = {"schemaVersion": "2025-01-29", "types": ["function"], "destination": DESTINATION}
             assert await put(client, TELEMETRY, body) == (
                 403,

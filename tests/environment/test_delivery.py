@@ -14,15 +14,15 @@ import pytest
 from aiohttp import web
 
 from lambdabox.core.batching import Backoff
-from lambdabox.core.errors import ApiError
 from lambdabox.core.telemetry import (
     Subscription,
     encode,
     parse_logs_subscription,
     parse_telemetry_subscription,
     render,
+    subscription_record,
 )
-from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.delivery import TelemetryHub, open_telemetry_hub
 from lambdabox.environment.report import TelemetryEvent
 from support import run
 
@@ -142,17 +142,17 @@ async def open_tcp(subscriber: TcpSubscriber) -> AsyncIterator[int]:
 
 @contextlib.asynccontextmanager
 async def open_hub(**options: Any) -> AsyncIterator[TelemetryHub]:
-    hub = TelemetryHub(backoff=FAST, **options)
-    try:
+    """A hub as an environment has it at the start of an Init (OpenSubscriptions carried out)."""
+    async with open_telemetry_hub(backoff=FAST, **options) as hub:
+        hub.open_init()
         yield hub
-    finally:
-        await hub.close()
 
 
 def end_init(hub: TelemetryHub) -> None:
-    """What the environment does at the end of Init: emit platform.initReport (which closes subscriptions)."""
+    """What the environment does at the end of Init: emit platform.initReport, then CloseSubscriptions."""
     record = {"initializationType": "on-demand", "phase": "init", "status": "success", "metrics": {"durationMs": 1.0}}
     hub.observe(TelemetryEvent(T0, "platform.initReport", record))
+    hub.close_init()
 
 
 async def flush(hub: TelemetryHub) -> None:
@@ -368,10 +368,7 @@ def test_init_records_reach_an_extension_that_subscribes_later_in_init() -> None
             hub.observe(TelemetryEvent(T0, "platform.initStart", {"initializationType": "on-demand", "phase": "init"}))
             hub.observe(TelemetryEvent(T0, "platform.extension", {"name": "ext", "state": "Ready", "events": []}))
             hub.observe(TelemetryEvent(T0, "extension", "starting", "ext"))
-            assert hub.subscribe("ext", telemetry(server.uri())) == (
-                "platform.telemetrySubscription",
-                {"name": "ext", "state": "Subscribed", "types": ["platform", "function"]},
-            )
+            hub.subscribe("ext", telemetry(server.uri()))
             end_init(hub)
             await flush(hub)
             assert [r["type"] for r in server.accepted] == [
@@ -405,47 +402,20 @@ def test_an_init_that_overflows_its_buffer_is_reported_as_dropped_to_late_subscr
     run(scenario())
 
 
-def test_subscriptions_close_with_init_and_open_again_with_the_next_init() -> None:
+def test_a_new_init_retires_the_previous_inits_subscribers() -> None:
     async def scenario() -> None:
         async with open_http() as server, open_hub() as hub:
             hub.subscribe("ext", logs(server.uri()))
+            hub.observe(line(0))
+            await flush(hub)
             end_init(hub)
-            assert not hub.subscriptions_open
-            for subscribe, error_type, message in (
-                (logs, "Logs.SubscriptionClosed", "Logs API subscription is closed already"),
-                (telemetry, "Telemetry.SubscriptionClosed", "Telemetry API subscription is closed already"),
-            ):
-                with pytest.raises(ApiError) as caught:
-                    hub.subscribe("other", subscribe(server.uri()))
-                assert (caught.value.status, caught.value.error_type, caught.value.message) == (
-                    403,
-                    error_type,
-                    message,
-                )
-            hub.observe(TelemetryEvent(T0, "platform.initStart", {"initializationType": "on-demand", "phase": "init"}))
-            assert hub.subscriptions_open and hub.stats() == {}  # the old Init's subscribers are retired
-            assert hub.subscribe("ext", telemetry(server.uri())) is not None  # a new Init: it may change API
-
-    run(scenario())
-
-
-def test_an_extension_uses_one_api_and_subscribing_again_is_idempotent() -> None:
-    async def scenario() -> None:
-        async with open_http() as server, open_hub() as hub:
-            assert hub.subscribe("ext", telemetry(server.uri())) is not None
-            assert hub.subscribe("ext", telemetry(server.uri())) is None
-            with pytest.raises(ApiError) as caught:
-                hub.subscribe("ext", logs(server.uri()))
-            assert (caught.value.status, caught.value.error_type) == (400, "Logs.ValidationError")
-            assert "already subscribed through the Telemetry API" in caught.value.message
-            assert hub.subscribe("other", logs(server.uri())) == (
-                "platform.logsSubscription",
-                {"name": "other", "state": "Subscribed", "types": ["platform", "function"]},
-            )
-            with pytest.raises(ApiError) as caught:
-                hub.subscribe("other", telemetry(server.uri()))
-            assert (caught.value.status, caught.value.error_type) == (400, "ValidationError")
-            assert sorted(hub.stats()) == ["ext", "other"]
+            hub.open_init()  # the next Init: its processes were restarted, and subscribe again if they will
+            assert hub.stats() == {}
+            hub.observe(line(1))  # kept for the extensions that subscribe during this Init
+            hub.subscribe("ext", telemetry(server.uri()))
+            await flush(hub)
+            assert server.of_type("function") == ["line 0", "line 1"]
+            assert list(hub.stats()) == ["ext"]
 
     run(scenario())
 
@@ -454,8 +424,9 @@ def test_each_api_gets_its_own_subscription_records() -> None:
     async def scenario() -> None:
         async with open_http() as tel, open_http() as log, open_hub() as hub:
             for name, api, server in (("t", telemetry, tel), ("l", logs, log)):
-                type_, record = hub.subscribe(name, api(server.uri())) or ("", {})
-                hub.observe(TelemetryEvent(T0, type_, record))
+                subscription = api(server.uri())
+                hub.subscribe(name, subscription)
+                hub.observe(TelemetryEvent(T0, *subscription_record(subscription.api, name, subscription.types)))
             end_init(hub)
             await flush(hub)
             assert [r["type"] for r in tel.accepted] == [

@@ -32,7 +32,7 @@ from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionConfig
 from lambdabox.core.state import Settings
 from lambdabox.core.telemetry import parse_telemetry_subscription
-from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.delivery import open_telemetry_hub
 from lambdabox.environment.opening import Options, open_environment
 from lambdabox.environment.report import InvokeResult, TelemetryEvent
 from lambdabox.observe.timeline import AFTER, PLATFORM, RUNTIME, RUNTIME_INIT, Section, Timeline, render_html
@@ -312,8 +312,8 @@ def test_the_hub_neither_buffers_nor_delivers_lambdabox_events() -> None:
     )
 
     async def go() -> None:
-        hub = TelemetryHub()
-        try:
+        async with open_telemetry_hub() as hub:
+            hub.open_init()
             hub.observe(TelemetryEvent(T0, "platform.initStart", {"initializationType": "on-demand"}))
             for type_ in MARKS:
                 hub.observe(TelemetryEvent(T0, type_, {"process": "runtime"}))
@@ -322,8 +322,6 @@ def test_the_hub_neither_buffers_nor_delivers_lambdabox_events() -> None:
             for type_ in MARKS:
                 hub.observe(TelemetryEvent(T0, type_, {"process": "runtime"}))
             assert hub.stats()["ext"].produced == 1
-        finally:
-            await hub.close()
 
     run(go())
 

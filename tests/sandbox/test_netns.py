@@ -23,7 +23,7 @@ from aiohttp import web
 
 from lambdabox.core.model import Response
 from lambdabox.core.telemetry import parse_telemetry_subscription
-from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.delivery import open_telemetry_hub
 from lambdabox.environment.opening import Options, open_environment
 from lambdabox.environment.report import TelemetryEvent
 from lambdabox.sandbox.netns import NetNamespace
@@ -204,22 +204,18 @@ def test_telemetry_is_delivered_inside_the_namespace(new_namespace: NewNamespace
         received: list[Any] = []
         changed = asyncio.Event()
         listener = http_listener if protocol == "HTTP" else tcp_listener
-        async with listener(ns, received, changed) as port:
-            hub = TelemetryHub(socket_factory=ns.socket)
-            try:
-                destination: dict[str, Any] = {"protocol": "TCP", "port": port}
-                if protocol == "HTTP":
-                    destination = {"protocol": "HTTP", "URI": f"http://sandbox.localdomain:{port}/in"}
-                subscription = {"schemaVersion": "2022-12-13", "types": ["function"], "destination": destination}
-                hub.subscribe("ext", parse_telemetry_subscription({**subscription, "buffering": {"timeoutMs": 25}}))
-                hub.observe(TelemetryEvent(1_700_000_000.0, "function", "hello from the host", "runtime"))
-                async with asyncio.timeout(WAIT_S):
-                    await hub.flush()
-                    while not received:
-                        changed.clear()
-                        await changed.wait()
-            finally:
-                await hub.close()
+        async with listener(ns, received, changed) as port, open_telemetry_hub(socket_factory=ns.socket) as hub:
+            destination: dict[str, Any] = {"protocol": "TCP", "port": port}
+            if protocol == "HTTP":
+                destination = {"protocol": "HTTP", "URI": f"http://sandbox.localdomain:{port}/in"}
+            subscription = {"schemaVersion": "2022-12-13", "types": ["function"], "destination": destination}
+            hub.subscribe("ext", parse_telemetry_subscription({**subscription, "buffering": {"timeoutMs": 25}}))
+            hub.observe(TelemetryEvent(1_700_000_000.0, "function", "hello from the host", "runtime"))
+            async with asyncio.timeout(WAIT_S):
+                await hub.flush()
+                while not received:
+                    changed.clear()
+                    await changed.wait()
         return received
 
     path = new_namespace()

@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 
 from lambdabox.api.httpserver import Router
-from lambdabox.api.telemetry import Subscriptions, subscribe
+from lambdabox.api.ports import EnvironmentPort
+from lambdabox.api.telemetry import subscribe
 from lambdabox.core.telemetry import LOGS
 
 PATH = "/2020-08-15/logs"
 
 
-def add_routes(router: Router, subscriptions: Subscriptions) -> None:
-    router.add("PUT", PATH, functools.partial(subscribe, LOGS, subscriptions))
+def add_routes(router: Router, port: EnvironmentPort) -> None:
+    router.add("PUT", PATH, functools.partial(subscribe, LOGS, port))

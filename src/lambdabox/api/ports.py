@@ -1,4 +1,6 @@
-"""What the HTTP adapters need from the environment that serves them: submit a fact, await an event."""
+"""What the HTTP adapters need from what serves them: the in-environment APIs (Runtime, Extensions, Logs, Telemetry)
+from the environment (:class:`EnvironmentPort`): submit a fact, await an event; the Invoke API from the server
+(:class:`lambdabox.api.invoke.Invoker`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from lambdabox.core.facts import ExtensionRequestedNext, Fact, Invoke, RuntimeRe
 from lambdabox.core.model import FunctionConfig
 
 
-class Shell(Protocol):
+class EnvironmentPort(Protocol):
     config: FunctionConfig
 
     def now(self) -> float:

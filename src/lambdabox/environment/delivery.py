@@ -1,30 +1,23 @@
 """Telemetry delivery: the hub that fans every environment event out to the Logs and Telemetry API subscribers, and
-one dumb asyncio loop per subscriber that sends what its batcher says is due (HTTP POST of a JSON array, or TCP
-NDJSON), resends after a failure with backoff, and reports drops. Decisions live in :mod:`lambdabox.core.telemetry` and
-:mod:`lambdabox.core.batching`."""
+one dumb asyncio loop per subscriber (a task of the hub's group) that sends what its batcher says is due (HTTP POST of
+a JSON array, or TCP NDJSON), resends after a failure with backoff, and reports drops. Decisions live in the core:
+who subscribes and when (:mod:`lambdabox.core.subscriptions`), the records (:mod:`lambdabox.core.telemetry`) and the
+batches (:mod:`lambdabox.core.batching`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
 from lambdabox.core.batching import Backoff, Batcher
-from lambdabox.core.errors import ApiError
 from lambdabox.core.telemetry import (
     CATEGORIES,
-    CLOSED,
-    ERROR_TYPE,
-    LOGS,
     TELEMETRY,
-    Destination,
     EventLike,
     Subscription,
     category,
@@ -32,19 +25,15 @@ from lambdabox.core.telemetry import (
     encode,
     iso_time,
     render,
-    subscription_record,
 )
+from lambdabox.environment.senders import HttpSender, SocketFactory, TcpSender
+from lambdabox.loop import open_task_group
 
 REQUEST_TIMEOUT_S = 5.0  # one POST, or one TCP connect + write, before it counts as a failed delivery
 FAILING_AFTER = 6  # consecutive failed sends (about 3 s of backoff) before the environment is told
 INIT_BUFFER_LIMIT = 10_000  # log lines of the current Init kept for extensions that subscribe later in it
 IDLE_S = 60.0  # an idle loop still wakes up now and then: no wait without a deadline
-MAX_ANSWER_BYTES = 64 * 1024  # of a subscriber's HTTP answer body; the rest is not read
 DEFAULT_BACKOFF = Backoff()
-
-SocketFactory = Callable[[int, int, int], socket.socket]
-"""Makes a socket (family, type, proto) where the subscribers listen, such as the environment's network namespace
-(:meth:`lambdabox.sandbox.netns.NetNamespace.socket`); without one, connections are made from here."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +51,13 @@ class SubscriberStats:
 
 class TelemetryHub:
     """Every event of one environment goes in through :meth:`observe`; each subscriber gets the records its API,
-    schema version and types select. Subscriptions are open from each ``platform.initStart`` to the Init's
-    ``platform.initReport``; a new Init retires the previous Init's subscribers (their processes were restarted)."""
+    schema version and types select. Between :meth:`open_init` and :meth:`close_init` the Init's records are kept for
+    the extensions that subscribe during it; a new Init retires the previous Init's subscribers (their processes were
+    restarted). Use :func:`open_telemetry_hub`, which owns the tasks."""
 
     def __init__(
         self,
+        tasks: asyncio.TaskGroup,
         *,
         json_function_logs: bool = False,
         on_failing: Callable[[str], None] | None = None,
@@ -77,6 +68,7 @@ class TelemetryHub:
         epoch: Callable[[], float] = time.time,
         socket_factory: SocketFactory | None = None,
     ) -> None:
+        self.tasks = tasks
         self.json_function_logs = json_function_logs
         self.socket_factory = socket_factory  # read when a subscriber subscribes
         self.on_failing = on_failing
@@ -87,30 +79,33 @@ class TelemetryHub:
         self.clock = time.monotonic
         self._init_limit = init_buffer_limit
         self._subscribers: dict[str, _Subscriber] = {}
-        self._apis: dict[str, str] = {}  # extension name -> the one API it uses in this Init generation
-        self._open = True
-        self._closed = False
+        self._keeping = False  # the current Init's records are kept for its later subscribers
         self._init_events: list[EventLike] = []
         self._init_overflow: dict[str, list[int]] = {}  # category -> [records, bytes] beyond the Init buffer
-        self._retiring: set[asyncio.Task[None]] = set()
         self.thawed = asyncio.Event()  # cleared while the environment is frozen: no delivery starts
         self.thawed.set()
 
-    @property
-    def subscriptions_open(self) -> bool:
-        return self._open and not self._closed
-
     # ---- what the environment calls ---------------------------------------------------------------------------
+
+    def open_init(self) -> None:
+        """A new Init: retire the previous Init's subscribers, and keep this Init's records for its subscribers."""
+        self._keeping = True
+        self._init_events, self._init_overflow = [], {}
+        retired, self._subscribers = list(self._subscribers.values()), {}
+        for subscriber in retired:
+            self.tasks.create_task(subscriber.close())
+
+    def close_init(self) -> None:
+        """Init is over: nobody subscribes until the next; its records need not be kept."""
+        self._keeping = False
+        self._init_events, self._init_overflow = [], {}
 
     def observe(self, event: EventLike) -> None:
         """Take one event (synchronous and cheap: render, encode, buffer; the loops do the sending)."""
-        type_ = event.type
-        if type_ == "platform.initStart":
-            self._begin_init()
-        kind = category(type_)
+        kind = category(event.type)
         if kind not in CATEGORIES:
             return  # lambdabox's own events (lambdabox.*, the timeline's marks): no API carries them
-        if self._open:
+        if self._keeping:
             self._remember(event, kind)
         if self._subscribers:
             now = self.clock()
@@ -121,25 +116,10 @@ class TelemetryHub:
                     if blobs is None:
                         blobs = cache[subscriber.key] = self._encode(subscriber.key, event)
                     subscriber.offer(blobs, now)
-        if type_ == "platform.initReport":
-            self._open = False
-            self._init_events, self._init_overflow = [], {}
 
-    def subscribe(self, extension_name: str, subscription: Subscription) -> tuple[str, dict[str, Any]] | None:
-        """Subscribe an extension; returns the ``platform.*Subscription`` (type, record) to emit to every observer,
-        or None for a repeated subscription (idempotent: nothing changes). ApiError 403 once Init is over, 400 when
-        the extension already uses the other API."""
-        api = subscription.api
-        if not self.subscriptions_open:
-            raise ApiError(403, *CLOSED[api])
-        used = self._apis.get(extension_name)
-        if used == api:
-            return None
-        if used is not None:
-            names = {LOGS: "Logs", TELEMETRY: "Telemetry"}
-            message = f"extension {extension_name} already subscribed through the {names[used]} API; an extension"
-            raise ApiError(400, ERROR_TYPE[api], f"{message} may use only one of the Logs and Telemetry APIs")
-        self._apis[extension_name] = api
+    def subscribe(self, extension_name: str, subscription: Subscription) -> None:
+        """Deliver to the extension's listener from now on, starting with the Init's records so far (the core has
+        accepted the subscription: :class:`lambdabox.core.subscriptions.Subscriptions`)."""
         subscriber = self._subscribers[extension_name] = _Subscriber(extension_name, subscription, self)
         now = self.clock()
         for event in self._init_events:
@@ -148,7 +128,6 @@ class TelemetryHub:
         for kind, (records, nbytes) in self._init_overflow.items():
             if kind in subscriber.types:
                 subscriber.batcher.count_dropped(records, nbytes)
-        return subscription_record(api, extension_name, subscription.types)
 
     async def flush(self) -> None:
         """Return once every record produced so far was delivered (or dropped and reported); while paused, only
@@ -183,9 +162,8 @@ class TelemetryHub:
 
     async def close(self) -> None:
         """Stop every loop and close every connection; what is still buffered is abandoned (see :meth:`stats`)."""
-        self._closed = True
         subscribers, self._subscribers = list(self._subscribers.values()), {}
-        await asyncio.gather(*(s.close() for s in subscribers), *self._retiring)
+        await asyncio.gather(*(s.close() for s in subscribers))
 
     def buffered(self) -> tuple[int, int]:
         """Records and bytes held in memory across all subscribers, plus the events kept for late subscribers."""
@@ -203,16 +181,6 @@ class TelemetryHub:
 
     def _encode(self, key: tuple[str, str], event: EventLike) -> list[bytes]:
         return [encode(r) for r in render(key[0], key[1], event, json_logs=self.json_function_logs)]
-
-    def _begin_init(self) -> None:
-        self._open = True
-        self._init_events, self._init_overflow = [], {}
-        self._apis = {}
-        retired, self._subscribers = list(self._subscribers.values()), {}
-        for subscriber in retired:
-            task = asyncio.get_running_loop().create_task(subscriber.close())
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
 
     def _remember(self, event: EventLike, kind: str) -> None:
         """Keep the Init's events for later subscribers: every platform event (an Init has a few dozen at most),
@@ -237,15 +205,15 @@ class _Subscriber:
         self.batcher: Batcher[bytes] = Batcher(subscription.buffering, backoff=hub.backoff)
         destination, timeout, factory = subscription.destination, hub.request_timeout_s, hub.socket_factory
         self.sender = (
-            _HttpSender(destination, timeout, factory)
+            HttpSender(destination, timeout, factory)
             if destination.protocol == "HTTP"
-            else _TcpSender(destination, timeout, factory)
+            else TcpSender(destination, timeout, factory)
         )
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"telemetry:{name}")
+        self._task = hub.tasks.create_task(self._run(), name=f"telemetry:{name}")
 
     def offer(self, blobs: list[bytes], now: float) -> None:
         batcher = self.batcher
@@ -283,6 +251,12 @@ class _Subscriber:
         await self.sender.close()
 
     async def _run(self) -> None:
+        try:
+            await self._deliver()
+        except Exception as error:  # a bug of lambdabox's: this subscriber gets nothing more, the rest go on
+            print(f"lambdabox: delivery to {self.name} stopped: {error!r}", file=sys.stderr, flush=True)
+
+    async def _deliver(self) -> None:
         batcher, clock, thawed = self.batcher, self.hub.clock, self.hub.thawed
         while True:
             self._wake.clear()
@@ -304,7 +278,7 @@ class _Subscriber:
             if delivered:
                 batcher.ack()
             elif batcher.failed(clock()) == self.hub.failing_after and self.hub.on_failing is not None:
-                asyncio.get_running_loop().call_soon(self.hub.on_failing, self.name)  # its errors stay its own
+                self.hub.on_failing(self.name)
 
     def _settle_waiters(self) -> None:
         keep = []
@@ -323,88 +297,19 @@ class _Subscriber:
         return blob, len(blob)
 
 
-class _HttpSender:
-    """POSTs a JSON array and waits for the answer: 2xx is delivered, anything else (or no answer) failed."""
-
-    def __init__(self, destination: Destination, timeout_s: float, factory: SocketFactory | None = None) -> None:
-        host, port = destination.connect_host, destination.port
-        self._factory = factory
-        self._url = URL(f"http://{_bracket(host)}:{port}{destination.path}", encoded=True)
-        self._headers = {"Content-Type": "application/json", "Host": f"{_bracket(destination.host)}:{port}"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def send(self, batch: list[bytes]) -> bool:
-        if self._session is None:
-            factory = self._factory
-            connector = aiohttp.TCPConnector(
-                limit=1, socket_factory=None if factory is None else (lambda info: factory(*info[:3]))
-            )
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
-        body = b"[" + b",".join(batch) + b"]"
-        try:
-            async with self._session.post(self._url, data=body, headers=self._headers) as response:
-                await response.content.read(MAX_ANSWER_BYTES)
-                return 200 <= response.status < 300
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            return False
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class _TcpSender:
-    """Writes NDJSON on one connection, reconnecting after a failure. TCP has no acknowledgement: a write the
-    kernel accepted counts as delivered (AWS documents the same limitation)."""
-
-    def __init__(self, destination: Destination, timeout_s: float, factory: SocketFactory | None = None) -> None:
-        self._host, self._port, self._timeout = destination.connect_host, destination.port, timeout_s
-        self._factory = factory
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def send(self, batch: list[bytes]) -> bool:
-        try:
-            async with asyncio.timeout(self._timeout):
-                if self._writer is None or self._writer.is_closing() or (self._reader and self._reader.at_eof()):
-                    await self.close()
-                    self._reader, self._writer = await self._connect()
-                self._writer.write(b"\n".join(batch) + b"\n")
-                await self._writer.drain()
-            return True
-        except (OSError, TimeoutError):
-            await self.close()
-            return False
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._factory is None:
-            return await asyncio.open_connection(self._host, self._port)
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET  # a loopback address (Destination)
-        sock = self._factory(family, socket.SOCK_STREAM, 0)
-        try:
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (self._host, self._port))
-            return await asyncio.open_connection(sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-
-    async def close(self) -> None:
-        writer, self._reader, self._writer = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await writer.wait_closed()
-
-
 async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await event.wait()
 
 
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+@contextlib.asynccontextmanager
+async def open_telemetry_hub(**settings: Any) -> AsyncIterator[TelemetryHub]:
+    """A :class:`TelemetryHub` (``settings`` as its keyword arguments) owning the group of its delivery loops; on exit
+    every loop is stopped and every connection closed."""
+    async with open_task_group() as tasks:
+        hub = TelemetryHub(tasks, **settings)
+        try:
+            yield hub
+        finally:
+            await hub.close()

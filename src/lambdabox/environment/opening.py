@@ -1,7 +1,6 @@
 """Opens one execution environment (:func:`open_environment`): stages its code and layers in a work directory,
-isolates it, serves its APIs, and on the way out shuts it down as Lambda does and cleans up. The environment it
-yields, the asyncio shell around the lifecycle core, is :class:`lambdabox.environment.runner.Environment`.
-"""
+isolates it, serves its APIs, builds the :class:`~lambdabox.environment.runner.Environment` from these parts, and on
+the way out shuts it down as Lambda does and takes every part down again, in reverse order."""
 
 from __future__ import annotations
 
@@ -10,28 +9,34 @@ import contextlib
 import os
 import shutil
 import socket
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lambdabox
 from lambdabox.api import extensions as extensions_api
 from lambdabox.api import logs as logs_api
 from lambdabox.api import runtime as runtime_api
 from lambdabox.api import telemetry as telemetry_api
-from lambdabox.api.httpserver import HttpServer, Router
+from lambdabox.api.httpserver import HttpServer, Router, open_http_server
 from lambdabox.core.errors import ConfigError
 from lambdabox.core.extensions import MAX_EXTENSIONS
 from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionConfig
-from lambdabox.core.state import Settings
+from lambdabox.core.state import SLACK_S, Settings
+from lambdabox.environment.delivery import open_telemetry_hub
+from lambdabox.environment.observers import Clock, Observers
 from lambdabox.environment.report import Observer
-from lambdabox.environment.runner import SHUTDOWN_SLACK_S, Environment
+from lambdabox.environment.runner import Environment
+from lambdabox.loop import open_task_group
 from lambdabox.sandbox.filesystem import stage_function
-from lambdabox.sandbox.isolation import open_isolation
+from lambdabox.sandbox.isolation import Isolation, open_isolation
 from lambdabox.sandbox.namespace import Layout
 from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.runtime import find_node_ric, resolve_runtime
+from lambdabox.sandbox.variables import log_stream_name
 
 RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)  # where Lambda serves the APIs, inside the environment's namespace
 
@@ -61,22 +66,26 @@ def discover_extensions(opt: Path, source: str) -> tuple[str, ...]:
 
 @contextlib.asynccontextmanager
 async def open_environment(
-    config: FunctionConfig, options: Options | None = None, observers: Iterable[Observer] = ()
+    config: FunctionConfig,
+    options: Options | None = None,
+    observers: Iterable[Observer] = (),
+    *,
+    on_reset: Callable[[], None] | None = None,
 ) -> AsyncIterator[Environment]:
-    """Stage the code and layers, isolate, serve the APIs; on exit shut down as Lambda does and clean up."""
+    """Stage the code and layers, isolate, serve the APIs; on exit shut down as Lambda does and clean up.
+
+    ``on_reset()`` is called each time the environment loses its Init by a reset (a crash, a timeout, an Init that
+    failed), once the reset's shutdown is over."""
     options = options or Options()
-    env = Environment(config, options, observers)
+    clock = Clock()
     work_dir = Path(tempfile.mkdtemp(prefix=f"lambdabox-{config.logical_id}-"))
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(shutil.rmtree, work_dir, True)
-        env._staged = stage_function(config, work_dir)
-        source = str(config.template or config.code)
-        extensions = discover_extensions(env._staged.opt, source)
+        staged = stage_function(config, work_dir)
+        extensions = discover_extensions(staged.opt, str(config.template or config.code))
         (work_dir / "tmp").mkdir(mode=0o1777, exist_ok=True)
-        layout = Layout(
-            env._staged.task, env._staged.opt, work_dir / "tmp", keep=_keep_paths(config.runtime, options.cache_dir)
-        )
-        env._isolation = await stack.enter_async_context(
+        layout = Layout(staged.task, staged.opt, work_dir / "tmp", keep=_keep_paths(config.runtime, options.cache_dir))
+        isolation = await stack.enter_async_context(
             open_isolation(
                 layout,
                 memory_mb=config.memory_mb,
@@ -85,52 +94,69 @@ async def open_environment(
                 network=options.private_network,
             )
         )
-        env._runtime = await asyncio.to_thread(  # the first use of a runtime installs its client
+        runtime = await asyncio.to_thread(  # the first use of a runtime installs its client
             resolve_runtime,
             config.runtime,
-            task_root=env._isolation.path("/var/task"),
-            opt_root=env._isolation.path("/opt"),
+            task_root=isolation.path("/var/task"),
+            opt_root=isolation.path("/opt"),
             wrapper=config.environment.get("AWS_LAMBDA_EXEC_WRAPPER"),
             cache_dir=options.cache_dir,
-            host_task_root=str(env._staged.task),
-            host_opt_root=str(env._staged.opt),
+            host_task_root=str(staged.task),
+            host_opt_root=str(staged.opt),
         )
-        env.lifecycle = Lifecycle(
-            Settings(
-                config.function_name, config.version, config.timeout_s, extensions, freeze=options.freeze, marks=True
+        net = isolation.net_namespace
+        netns = None if net is None else stack.enter_context(NetNamespace(net))
+        router = Router()
+        server = await stack.enter_async_context(open_http_server(router))
+        host_api, in_environment_api = await _serve(server, netns, isolation)
+        told: Observers  # the environment's observers, the hub's first (its failing listener is said to them)
+        hub = await stack.enter_async_context(
+            open_telemetry_hub(
+                json_function_logs=config.environment.get("AWS_LAMBDA_LOG_FORMAT", "").upper() == "JSON",
+                epoch=clock.now,
+                socket_factory=None if netns is None else netns.socket,
+                on_failing=lambda name: told.log(f"lambdabox: deliveries to {name}'s listener keep failing; retrying"),
             )
         )
-        router = Router()
-        runtime_api.add_routes(router, env)
-        extensions_api.add_routes(router, env)
-        logs_api.add_routes(router, env)
-        telemetry_api.add_routes(router, env)
-        if (net := env._isolation.net_namespace) is not None:
-            env.netns = stack.enter_context(NetNamespace(net))
-            env.hub.socket_factory = env.netns.socket
-        server = HttpServer(router)
-        stack.push_async_callback(server.close)
-        await _serve(server, env)
-        env.degraded = env._isolation.degraded
-        worker = asyncio.get_running_loop().create_task(env._run_commands())
-        stack.push_async_callback(_cancel, worker)
-        stack.push_async_callback(env.hub.close)
+        told = Observers(observers, clock.now, telemetry=hub.observe)
+        tasks = await stack.enter_async_context(open_task_group())
+        settings = Settings(config.function_name, config.version, config.timeout_s, extensions, options.freeze, True)
+        env = Environment(
+            config,
+            options,
+            lifecycle=Lifecycle(settings),
+            isolation=isolation,
+            runtime=runtime,
+            hub=hub,
+            observers=told,
+            now=clock.now,
+            tasks=tasks,
+            runtime_api=in_environment_api,
+            host_api=host_api,
+            netns=netns,
+            log_stream=log_stream_name(config.version, clock.now()),
+            on_reset=on_reset,
+        )
+        stack.push_async_callback(env.close)
+        for api in (runtime_api, extensions_api, logs_api, telemetry_api):
+            api.add_routes(router, env)
         try:
             yield env
         finally:
             await env.shutdown()
-            await _drain(env)
+            async with asyncio.timeout(SLACK_S):  # the final KillAll and FinishShutdown are carried out
+                await env.settled()
 
 
-async def _serve(server: HttpServer, env: Environment) -> None:
-    """Serve the APIs on an ephemeral port of the host's loopback (``host_api``), and, given a network namespace,
-    inside it at 127.0.0.1:9001 as in Lambda (``runtime_api``); without one, the runtime uses the host's port."""
+async def _serve(server: HttpServer, netns: NetNamespace | None, isolation: Isolation) -> tuple[str, str]:
+    """Serve the APIs on an ephemeral port of the host's loopback, and, given a network namespace, inside it at
+    127.0.0.1:9001 as in Lambda; without one, the runtime uses the host's port. The two ``host:port``: lambdabox's,
+    and the runtime's and extensions' (AWS_LAMBDA_RUNTIME_API)."""
     host, port = await server.listen("127.0.0.1", 0)
-    env._host_api = env._api_address = f"{host}:{port}"
-    if env.netns is None:
-        env._isolation.api_port = port
-        return
-    listener = env.netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if netns is None:
+        isolation.api_port = port
+        return f"{host}:{port}", f"{host}:{port}"
+    listener = netns.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(RUNTIME_API_ADDRESS)
@@ -140,28 +166,12 @@ async def _serve(server: HttpServer, env: Environment) -> None:
     except BaseException:
         listener.close()
         raise
-    env._api_address = "{}:{}".format(*RUNTIME_API_ADDRESS)
-
-
-async def _drain(env: Environment) -> None:
-    """Let the pending commands (the final KillAll and FinishShutdown) be carried out, with a deadline."""
-    async with asyncio.timeout(SHUTDOWN_SLACK_S):
-        await env.settled()
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    return f"{host}:{port}", "{}:{}".format(*RUNTIME_API_ADDRESS)
 
 
 def _keep_paths(runtime: str, cache_dir: Path) -> tuple[Path, ...]:
     """Host paths the runtime needs inside the environment even if they lie under /tmp (the runtimes' cache,
     the interpreter, lambdabox's own bootstrap scripts, the Node.js runtime client)."""
-    import sys
-
-    import lambdabox
-
     keep = {cache_dir, Path(sys.prefix), Path(sys.base_prefix), Path(lambdabox.__file__).parent}
     if runtime.startswith("nodejs"):
         with contextlib.suppress(ConfigError):  # resolve_runtime says what is missing

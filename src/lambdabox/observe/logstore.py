@@ -13,7 +13,7 @@ import os
 import string
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -254,14 +254,16 @@ async def open_logged_environment(
     options: Options | None = None,
     observers: Iterable[Observer] = (),
     store: LogStore | None = None,
+    *,
+    on_reset: Callable[[], None] | None = None,
 ) -> AsyncIterator[Environment]:
     """:func:`open_environment`, with every log line of the environment, shutdown included, kept in ``store``
     (none: nowhere) under ``/aws/lambda/<function name>`` and the environment's ``log_stream``."""
     if store is None:
-        async with open_environment(config, options, observers) as env:
+        async with open_environment(config, options, observers, on_reset=on_reset) as env:
             yield env
         return
     with store.recorder(config.function_name) as recorder:
-        async with open_environment(config, options, [*observers, recorder]) as env:
+        async with open_environment(config, options, [*observers, recorder], on_reset=on_reset) as env:
             recorder.attach(env.log_stream)
             yield env

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 from lambdabox.core import facts as f
 from lambdabox.core.model import FunctionConfig, LambdaFailure, Outcome, Response
-from lambdabox.core.state import INIT_TIMEOUT_S
+from lambdabox.core.state import INIT_TIMEOUT_S, SLACK_S, invoke_budget_s
 from lambdabox.environment.opening import Options, open_environment
 from lambdabox.environment.report import InvokeResult, Report, TelemetryEvent
-from lambdabox.environment.runner import SHUTDOWN_SLACK_S, Environment
+from lambdabox.environment.runner import Environment
 from lambdabox.loop import new_event_loop
 
 START_TIMEOUT_S = 120.0  # staging, isolation, and the first use of a runtime, which installs its client
@@ -129,7 +129,7 @@ class PendingInvocation:
         self, function: LambdaFunction, future: concurrent.futures.Future[tuple[InvokeResult, int]], first: int
     ) -> None:
         self._function, self._future, self._first = function, future, first
-        self._deadline = INIT_TIMEOUT_S + function.config.timeout_s + SHUTDOWN_SLACK_S + 5.0
+        self._deadline = invoke_budget_s(function.config.timeout_s) + 5.0
         self._result: Invocation | None = None
 
     def result(self, timeout: float | None = None) -> Invocation:
@@ -198,7 +198,7 @@ class LambdaFunction:
         coroutine = self._invoke(body, client_context)
         return PendingInvocation(self, asyncio.run_coroutine_threadsafe(coroutine, self._loop), first)
 
-    def initialize(self, timeout: float = INIT_TIMEOUT_S + SHUTDOWN_SLACK_S) -> TelemetryEvent:
+    def initialize(self, timeout: float = INIT_TIMEOUT_S + SLACK_S) -> TelemetryEvent:
         """Run Init ahead of the first invoke, as provisioned concurrency does; returns its platform.initReport."""
         self._bounded(asyncio.run_coroutine_threadsafe(self._env.initialize(), self._loop), timeout, "initialize")
         return self.wait_for_event("platform.initReport", timeout=timeout)
