@@ -19,7 +19,7 @@ import pytest
 from lambdabox.core.errors import SandboxError
 from lambdabox.loop import run as run_loop
 from lambdabox.sandbox import cgroups as cgroups_module
-from lambdabox.sandbox import isolation, namespace, outbound
+from lambdabox.sandbox import namespace, outbound
 from lambdabox.sandbox.cgroups import CGROUP_ROOT
 from lambdabox.sandbox.isolation import Isolation, open_isolation
 from lambdabox.sandbox.namespace import Layout
@@ -65,6 +65,49 @@ async def poll_until(check: Any, within: float = 10.0) -> None:
             if check():
                 return
             await asyncio.sleep(0.005)
+
+
+async def end(proc: OwnedProcess, within: float = 10.0) -> int:
+    """End a process as production does: SIGKILL to its group, then reap it and drain its output, bounded."""
+    proc.signal(signal.SIGKILL)
+    return await wait_exit(proc, within)
+
+
+async def wait_exit(proc: OwnedProcess, within: float = 10.0) -> int:
+    async with asyncio.timeout(within):
+        return await proc.wait_exit()
+
+
+def status(pid: int) -> str:
+    """The process's state as /proc/<pid>/stat shows it (psutil's names: ``stopped`` for T), or ``gone``."""
+    try:
+        return str(psutil.Process(pid).status())
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+def stopped(pid: int) -> bool:
+    """Stopped by a signal, or no longer running."""
+    return status(pid) in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, "gone")
+
+
+def freezer_state(pid: int) -> str | None:
+    """The state of the freezer cgroup ``pid`` is in, as /proc/<pid>/cgroup names it; None without one."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            state = Path(f"/sys/fs/cgroup/freezer{path}/freezer.state")
+            return state.read_text().strip() if state.exists() else None
+    return None
+
+
+def frozen(iso: Isolation) -> bool:
+    """Seen from outside: every process of the environment in a FROZEN freezer cgroup or, where the isolation
+    freezes by signal (it says so in ``degraded``), every one stopped."""
+    pids = iso.pids()
+    if any("SIGSTOP" in difference for difference in iso.degraded):
+        return all(stopped(pid) for pid in pids)
+    return bool(pids) and all(freezer_state(pid) == "FROZEN" for pid in pids)
 
 
 def read_counter(path: Path) -> int:
@@ -154,7 +197,7 @@ def test_peak_memory_grows_after_a_child_allocates_50_mb(tmp_path: Path) -> None
             base = iso.peak_memory_bytes()
             proc = await spawn(iso, alloc, records)
             await poll_until(lambda: "allocated" in records)
-            await proc.stop(1)
+            await end(proc)
             return base, iso.peak_memory_bytes()
 
     base, peak = run(body())
@@ -164,7 +207,8 @@ def test_peak_memory_grows_after_a_child_allocates_50_mb(tmp_path: Path) -> None
 async def _freeze_roundtrip(iso: Isolation, counter: Path, tmp_in_env: str) -> tuple[int, int, int]:
     proc = await spawn(iso, COUNTER.format(tmp=tmp_in_env), [])
     await poll_until(lambda: read_counter(counter) > 5)
-    await iso.freeze(wait=True)
+    await iso.freeze()
+    await poll_until(lambda: frozen(iso))  # the kernel completes a freeze on its own
     frozen_at = read_counter(counter)
     # Frozen: the counter must not move during a bounded observation window.
     loop = asyncio.get_running_loop()
@@ -176,7 +220,8 @@ async def _freeze_roundtrip(iso: Isolation, counter: Path, tmp_in_env: str) -> t
     iso.thaw()
     await poll_until(lambda: read_counter(counter) > still + 5)
     resumed = read_counter(counter)
-    await proc.stop(1)
+    assert not frozen(iso)
+    assert await end(proc) == -signal.SIGKILL
     return frozen_at, still, resumed
 
 
@@ -207,7 +252,7 @@ def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
             assert mnt is not None and iso.net_namespace is not None
             hosts, net, mnt_ino = iso._namespace.files_dir, os.stat(iso.net_namespace).st_ino, os.stat(mnt).st_ino
             left = iso.pids()
-        await proc.wait_exit()  # killed by the teardown
+        assert await wait_exit(proc) == -signal.SIGKILL  # killed by the teardown
         return cgroups, left, hosts, net, mnt_ino
 
     cgroups, left, hosts, net, mnt = run(body())
@@ -282,39 +327,40 @@ def test_degraded_mode_maps_paths_freezes_by_signal_and_samples_memory(tmp_path:
     ) in iso.degraded
 
 
-TREE = (
-    "import subprocess, sys, time\n"
-    'inner = \'import subprocess, sys, time; subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]);'
-    " time.sleep(600)'\n"
-    "subprocess.Popen([sys.executable, '-c', inner])\n"
-    "time.sleep(600)\n"
-)
+LEAF = "import time; print('tree up', flush=True); time.sleep(600)"
+MIDDLE = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {LEAF!r}]); time.sleep(600)"
+TREE = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {MIDDLE!r}])\ntime.sleep(600)\n"
+"""A process, its child and its grandchild; the grandchild says ``tree up`` once all three run their own code (a
+SIGSTOP that caught the grandchild between its fork and its exec would hold its parent in vfork, not stopped)."""
 
 
 def test_degraded_freeze_at_once_stops_a_whole_tree_without_waiting(tmp_path: Path) -> None:
-    def states(pids: list[int]) -> set[str | None]:
-        return {isolation._status(pid) for pid in pids}
+    def states(pids: list[int]) -> set[str]:
+        return {status(pid) for pid in pids}
 
-    async def body() -> tuple[int, set[str | None], set[str | None]]:
+    async def body() -> tuple[int, set[str], set[str]]:
         async with open_isolation(make_layout(tmp_path), memory_mb=128, name="tree", isolate=False) as iso:
-            proc = await spawn(iso, TREE, [])
-            await poll_until(lambda: len(iso.pids()) == 3)  # the process, its child and its grandchild
+            records: list[str] = []
+            proc = await spawn(iso, TREE, records)
+            await poll_until(lambda: "tree up" in records)
             pids = iso.pids()
-            assert proc.pid in pids
+            assert len(pids) == 3 and proc.pid in pids  # the process, its child and its grandchild
             iso.freeze_at_once()  # returns at once; the kernel stops each process on its own
-            await poll_until(lambda: states(pids) == {"T"})
-            stopped = states(pids)
+            await poll_until(lambda: states(pids) == {psutil.STATUS_STOPPED})
+            all_stopped = states(pids)
             iso.thaw()
-            await poll_until(lambda: "T" not in states(pids))
+            await poll_until(lambda: psutil.STATUS_STOPPED not in states(pids))
             iso.freeze_at_once()
             iso.thaw()  # a thaw right behind the freeze undoes it
-            await poll_until(lambda: "T" not in states(pids))
+            await poll_until(lambda: psutil.STATUS_STOPPED not in states(pids))
             resumed = states(pids)
             await iso.kill_all()
-            return len(pids), stopped, resumed
+            assert await wait_exit(proc) == -signal.SIGKILL  # reaped, its pipes drained and closed
+            return len(pids), all_stopped, resumed
 
-    count, stopped, resumed = run(body())
-    assert count == 3 and stopped == {"T"} and "T" not in resumed
+    count, all_stopped, resumed = run(body())
+    assert count == 3 and all_stopped == {psutil.STATUS_STOPPED}
+    assert psutil.STATUS_STOPPED not in resumed and "gone" not in resumed
 
 
 def test_missing_layout_dir_is_refused(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from aiohttp import web
 from lambdabox.core.model import Response
 from lambdabox.core.telemetry import parse_telemetry_subscription
 from lambdabox.environment.delivery import open_telemetry_hub
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import TelemetryEvent
 from lambdabox.sandbox.netns import NetNamespace
 from support import Collector, collector, make_function, run

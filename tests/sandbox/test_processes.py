@@ -1,4 +1,4 @@
-"""OwnedProcess: output as records, telemetry frames, stop/kill deadlines, reaping, no fd leaks."""
+"""OwnedProcess: output as records, telemetry frames, ending by signal, reaping, failing sinks, no fd leaks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import psutil
+import pytest
 
 from lambdabox.loop import run as run_loop
+from lambdabox.sandbox import processes
 from lambdabox.sandbox.processes import MAX_RECORD, OwnedProcess
 
 T = TypeVar("T")
@@ -53,6 +55,21 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+async def wait_gone(pid: int, within: float = 5.0) -> None:
+    """Poll until ``pid`` is not running any more (a SIGKILLed group dies asynchronously); fail at the deadline."""
+    async with asyncio.timeout(within):
+        while True:
+            if gone(pid):
+                return
+            await asyncio.sleep(0.005)
+
+
+async def wait_exit(proc: OwnedProcess, within: float = 5.0) -> int:
+    """The returncode, once the process is reaped and its output drained; fail at the deadline."""
+    async with asyncio.timeout(within):
+        return await proc.wait_exit()
 
 
 async def start(code: str, records: Records, **kw: Any) -> OwnedProcess:
@@ -130,42 +147,43 @@ def test_multiline_frame_through_telemetry_fd_is_one_record() -> None:
     assert len(texts) == 4
 
 
-def test_stop_kills_a_child_that_ignores_sigterm_at_the_deadline() -> None:
+def test_sigkill_ends_a_child_that_ignores_sigterm() -> None:
     code = (
         "import signal, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGTERM, lambda *_: print('ignored SIGTERM', flush=True))\n"
         "print('ready', flush=True)\n"
-        "time.sleep(60)\n"
+        "while True:\n"
+        "    time.sleep(60)\n"
     )
 
-    async def body() -> tuple[int, float, int]:
+    async def body() -> tuple[int | None, int, int]:
         records = Records()
         proc = await start(code, records)
         await records.wait_for("ready")
-        began = time.monotonic()
-        rc = await proc.stop(0.3)
-        return rc, time.monotonic() - began, proc.pid
+        proc.signal(signal.SIGTERM)
+        await records.wait_for("ignored SIGTERM")  # it got SIGTERM, handled it, and runs on
+        alive = proc.returncode
+        proc.signal(signal.SIGKILL)
+        return alive, await wait_exit(proc), proc.pid
 
-    rc, took, pid = run(body())
+    alive, rc, pid = run(body())
+    assert alive is None
     assert rc == -signal.SIGKILL
-    assert 0.3 <= took < 5
     assert not psutil.pid_exists(pid)  # reaped, not a zombie
 
 
-def test_stop_of_a_cooperative_child_returns_early_with_sigterm() -> None:
-    async def body() -> tuple[int, float]:
+def test_sigterm_ends_a_cooperative_child() -> None:
+    async def body() -> int:
         records = Records()
         proc = await start("import time; print('ready', flush=True); time.sleep(60)", records)
         await records.wait_for("ready")
-        began = time.monotonic()
-        return await proc.stop(10), time.monotonic() - began
+        proc.signal(signal.SIGTERM)
+        return await wait_exit(proc)
 
-    rc, took = run(body())
-    assert rc == -signal.SIGTERM
-    assert took < 5
+    assert run(body()) == -signal.SIGTERM
 
 
-def test_stop_kills_the_whole_group_grandchild_included() -> None:
+def test_sigkill_to_the_group_ends_the_grandchild_too() -> None:
     code = (
         "import subprocess, signal, time\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
@@ -179,7 +197,10 @@ def test_stop_kills_the_whole_group_grandchild_included() -> None:
         proc = await start(code, records)
         grandchild = int((await records.wait_for("grandchild")).split()[1])
         assert psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE
-        return await proc.stop(0.2), proc.pid, grandchild
+        proc.signal(signal.SIGKILL)
+        rc = await wait_exit(proc)
+        await wait_gone(grandchild)
+        return rc, proc.pid, grandchild
 
     rc, pid, grandchild = run(body())
     assert rc == -signal.SIGKILL
@@ -240,10 +261,76 @@ def test_signal_after_exit_is_harmless() -> None:
         proc = await start("pass", Records())
         rc = await proc.wait_exit()
         proc.signal(signal.SIGTERM)
-        assert await proc.stop(0.1) == rc
+        proc.signal(signal.SIGKILL)
+        assert await wait_exit(proc) == rc == proc.returncode  # waiting again changes nothing
         return rc
 
     assert run(body()) == 0
+
+
+def test_a_failing_sink_is_told_once_per_stream_and_counted_and_reading_goes_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = (
+        "import sys\n"
+        "for i in range(3):\n"
+        "    print(f'bad {i}', flush=True)\n"
+        "print('bad err', file=sys.stderr)\n"
+        "print('good')\n"
+    )
+    taken: list[str] = []
+
+    def sink(_label: str, text: str) -> None:
+        if text.startswith("bad"):
+            raise ValueError(f"cannot take {text}")
+        taken.append(text)
+
+    async def body() -> int:
+        proc = await OwnedProcess.start([PY, "-c", code], env=dict(os.environ), cwd="/", label="fn", on_record=sink)
+        assert await wait_exit(proc) == 0
+        return proc.sink_failures
+
+    failures = run(body())
+    assert taken == ["good"]  # the reader outlived the failures
+    assert failures == 4
+    told = capsys.readouterr().err.splitlines()
+    assert sorted(told) == [
+        "lambdabox: the log sink of fn failed: ValueError('cannot take bad 0'); later failures are counted",
+        "lambdabox: the log sink of fn failed: ValueError('cannot take bad err'); later failures are counted",
+    ]
+
+
+def test_a_start_that_fails_after_the_spawn_kills_reaps_and_closes_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spawned: list[asyncio.subprocess.Process] = []
+    real_exec, real_connect = asyncio.create_subprocess_exec, processes._connect
+
+    async def spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        spawned.append(await real_exec(*args, **kwargs))
+        return spawned[-1]
+
+    async def connect(fd: int, *args: Any) -> Any:
+        connected_fds.append(fd)
+        if len(connected_fds) == 2:  # stdout is read already; stderr's reader fails
+            os.close(fd)  # as the real one closes the pipe it could not connect
+            raise RuntimeError("no reader")
+        return await real_connect(fd, *args)
+
+    connected_fds: list[int] = []
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    monkeypatch.setattr(processes, "_connect", connect)
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+
+    async def body() -> None:
+        with pytest.raises(RuntimeError, match="no reader"):
+            await start(code, Records(), telemetry_fd=True)
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    run(body())
+    assert sorted(os.listdir("/proc/self/fd")) == before  # every pipe end closed, the read ones too
+    assert len(spawned) == 1 and spawned[0].returncode == -signal.SIGKILL  # killed and reaped
+    assert not psutil.pid_exists(spawned[0].pid)
 
 
 def test_no_fd_leak() -> None:
@@ -254,7 +341,8 @@ def test_no_fd_leak() -> None:
             await proc.wait_exit()
             proc = await start("import time; print('ready', flush=True); time.sleep(60)", records)
             await records.wait_for("ready")
-            await proc.stop(0.1)
+            proc.signal(signal.SIGKILL)
+            await wait_exit(proc)
         try:
             await OwnedProcess.start(
                 ["/nonexistent/binary"], env={}, cwd="/", label="x", on_record=records, telemetry_fd=True

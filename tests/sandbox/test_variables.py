@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from lambdabox.core.contract import RESERVED_ENVIRONMENT_VARIABLES
 from lambdabox.core.model import FunctionConfig
 from lambdabox.sandbox.variables import (
-    RESERVED,
     RUNTIME_ONLY,
     execution_environment,
     extension_environment,
@@ -146,7 +146,13 @@ def test_only_expected_names() -> None:
         "_AWS_XRAY_DAEMON_ADDRESS",
         "_AWS_XRAY_DAEMON_PORT",
     }
-    assert set(env) == (RESERVED - {"_X_AMZN_TRACE_ID"}) | unreserved
+    assert set(env) == (RESERVED_ENVIRONMENT_VARIABLES - {"_X_AMZN_TRACE_ID"}) | unreserved
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_ENVIRONMENT_VARIABLES))
+def test_no_reserved_name_takes_the_functions_value(name: str) -> None:
+    # The list the template loader refuses: a config built in code that sets one still gets Lambda's value.
+    assert build(config(environment={name: "mine"})).get(name) != "mine"
 
 
 def test_user_variables_override_unreserved_but_not_reserved() -> None:

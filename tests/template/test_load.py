@@ -1,68 +1,22 @@
-"""SAM templates into FunctionConfig: short forms, intrinsics, Globals, lookup and every refusal."""
+"""SAM templates into FunctionConfig: short forms, intrinsics, Globals, lookup, code and layer paths, and the
+refusals of what lambdabox cannot run."""
 
 from __future__ import annotations
 
 import base64
-import json
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from lambdabox.core.errors import TemplateError
 from lambdabox.core.model import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, FunctionConfig, LayerConfig
 from lambdabox.template.intrinsic import load_yaml
-from lambdabox.template.load import (
-    RESERVED_ENVIRONMENT_VARIABLES,
-    SUPPORTED_RUNTIMES,
-    Template,
-    load_template,
-)
+from lambdabox.template.load import Template, load_template
+from template_support import function_yaml, one, refused, write
 
 ARN_PREFIX = f"arn:aws:lambda:{DEFAULT_REGION}:{DEFAULT_ACCOUNT_ID}:function:"
-
-
-def write(tmp_path: Path, body: str, name: str = "template.yaml") -> Path:
-    """A template (dedented) next to a src/ code directory and a layer/ directory."""
-    (tmp_path / "src").mkdir(exist_ok=True)
-    (tmp_path / "src" / "app.py").write_text("def handler(event, context):\n    return event\n")
-    (tmp_path / "layer").mkdir(exist_ok=True)
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(body))
-    return path
-
-
-def one(tmp_path: Path, body: str, overrides: dict[str, str] | None = None) -> FunctionConfig:
-    return load_template(write(tmp_path, body), overrides).function(None)
-
-
-def function_yaml(extra: str = "", *, runtime: str = "python3.12", name: str = "Fn") -> str:
-    """A template with one function; ``extra`` is more of its Properties (indented by 6)."""
-    lines = textwrap.indent(textwrap.dedent(extra).strip("\n") + "\n", " " * 6) if extra.strip() else ""
-    return (
-        "Resources:\n"
-        f"  {name}:\n"
-        "    Type: AWS::Serverless::Function\n"
-        "    Properties:\n"
-        "      CodeUri: src\n"
-        "      Handler: app.handler\n"
-        f"      Runtime: {runtime}\n"
-        f"{lines}"
-    )
-
-
-def refused(tmp_path: Path, body: str, *fragments: str, overrides: dict[str, str] | None = None) -> str:
-    """Load ``body``; assert a TemplateError naming the file and every fragment; return its message."""
-    path = write(tmp_path, body)
-    with pytest.raises(TemplateError) as caught:
-        load_template(path, overrides).function(None)
-    message = str(caught.value)
-    assert str(path) in message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
-    return message
 
 
 # --- YAML ------------------------------------------------------------------------------------------
@@ -206,24 +160,6 @@ def test_code_uri_may_be_a_zip_and_defaults_to_the_template_directory(tmp_path: 
     template = load_template(write(tmp_path, body))
     assert template.function("Zipped").code == tmp_path.resolve() / "code.zip"
     assert template.function("Here").code == tmp_path.resolve()
-
-
-def test_json_template(tmp_path: Path) -> None:
-    body = {
-        "Resources": {
-            "Fn": {
-                "Type": "AWS::Serverless::Function",
-                "Properties": {
-                    "CodeUri": "src",
-                    "Handler": "app.handler",
-                    "Runtime": "python3.13",
-                    "FunctionName": {"Fn::Sub": "${AWS::StackName}-fn"},
-                },
-            }
-        }
-    }
-    path = write(tmp_path, json.dumps(body, indent="\t"), name="template.json")
-    assert load_template(path).function(None).function_name == "lambdabox-fn"
 
 
 def test_lambda_function_with_a_local_code_path(tmp_path: Path) -> None:
@@ -550,120 +486,15 @@ def test_code_uri_that_is_a_plain_file_is_refused(tmp_path: Path) -> None:
     refused(tmp_path, body, "Fn", "must be a directory or a .zip file")
 
 
-def test_missing_handler_is_refused_except_for_provided_runtimes(tmp_path: Path) -> None:
-    body = function_yaml().replace("      Handler: app.handler\n", "")
-    refused(tmp_path, body, "Fn", "Handler is missing; runtime python3.12 needs one")
-    for runtime in ("provided", "provided.al2", "provided.al2023"):
-        assert one(tmp_path, function_yaml(runtime=runtime).replace("      Handler: app.handler\n", "")).handler == ""
-
-
 def test_image_package_type_is_refused(tmp_path: Path) -> None:
     refused(tmp_path, function_yaml("PackageType: Image\nImageUri: repo:tag"), "Fn", "PackageType Image")
 
 
-@pytest.mark.parametrize("runtime", ["python3.8", "nodejs16.x", "java21", "ruby3.3", "dotnet8", "go1.x"])
-def test_unsupported_runtime_is_refused(tmp_path: Path, runtime: str) -> None:
-    refused(tmp_path, function_yaml(runtime=runtime), "Fn", f"Runtime {runtime!r} is not supported")
-
-
-def test_supported_runtimes() -> None:
-    assert {"python3.9", "python3.14", "nodejs18.x", "nodejs24.x", "provided.al2023"} <= SUPPORTED_RUNTIMES
-    assert "python3.8" not in SUPPORTED_RUNTIMES
-    assert len(SUPPORTED_RUNTIMES) == 13
-
-
-def test_more_than_five_layers_is_refused(tmp_path: Path) -> None:
-    for i in range(6):
-        (tmp_path / f"l{i}").mkdir()
-    assert len(one(tmp_path, function_yaml("Layers: [l0, l1, l2, l3, l4]")).layers) == 5
-    refused(tmp_path, function_yaml("Layers: [l0, l1, l2, l3, l4, l5]"), "Fn", "6 layers", "at most 5")
-
-
-def test_layers_from_globals_count_towards_the_limit(tmp_path: Path) -> None:
-    for i in range(6):
-        (tmp_path / f"l{i}").mkdir()
-    body = "Globals:\n  Function:\n    Layers: [l0, l1, l2]\n" + function_yaml("Layers: [l3, l4, l5]")
-    refused(tmp_path, body, "Fn", "6 layers")
-
-
-def test_environment_over_4_kb_is_refused(tmp_path: Path) -> None:
-    exactly = "A" * (4096 - 2)  # key "AB" + value: 4096 bytes in all
-    assert len(one(tmp_path, function_yaml(f"Environment: {{Variables: {{AB: {exactly}}}}}")).environment["AB"]) == 4094
-    refused(
-        tmp_path, function_yaml(f"Environment: {{Variables: {{AB: {exactly}X}}}}"), "Fn", "4097 bytes", "at most 4096"
-    )
-
-
-def test_environment_size_counts_bytes_not_characters(tmp_path: Path) -> None:
-    value = "é" * 2047  # 4094 bytes, 2047 characters
-    refused(tmp_path, function_yaml(f"Environment: {{Variables: {{ABC: {value}}}}}"), "Fn", "4097 bytes")
-
-
-@pytest.mark.parametrize("name", sorted(RESERVED_ENVIRONMENT_VARIABLES))
-def test_reserved_environment_variable_is_refused(tmp_path: Path, name: str) -> None:
-    refused(tmp_path, function_yaml(f"Environment: {{Variables: {{{name}: x}}}}"), "Fn", name, "reserved")
-
-
-def test_reserved_names_are_the_documented_ones() -> None:
-    assert len(RESERVED_ENVIRONMENT_VARIABLES) == 16
-    assert {"_HANDLER", "AWS_REGION", "LAMBDA_TASK_ROOT", "AWS_LAMBDA_RUNTIME_API"} <= RESERVED_ENVIRONMENT_VARIABLES
-
-
-@pytest.mark.parametrize("variables", ["{1A: x}", "{A: x}", "{A-B: x}", "{AB: }", "{AB: [x]}"])
-def test_bad_environment_variables_are_refused(tmp_path: Path, variables: str) -> None:
-    refused(tmp_path, function_yaml(f"Environment: {{Variables: {variables}}}"), "Fn", "Environment variable")
-
-
-LIMIT_CASES = [("Timeout", 0), ("Timeout", 901), ("Timeout", "1.5"), ("MemorySize", 127), ("MemorySize", 10241)]
-
-
-@pytest.mark.parametrize(
-    ("prop", "value"),
-    [
-        *LIMIT_CASES,
-        ("MemorySize", "big"),
-        ("ReservedConcurrentExecutions", -1),
-        ("ProvisionedConcurrencyConfig", "{ProvisionedConcurrentExecutions: many}"),
-    ],
-)
-def test_limits_out_of_range_are_refused(tmp_path: Path, prop: str, value: Any) -> None:
-    refused(tmp_path, function_yaml(f"{prop}: {value}"), "Fn", prop, "must be a whole number from")
-
-
-@pytest.mark.parametrize(("timeout", "memory"), [(1, 128), (900, 10240)])
-def test_limits_at_the_edges_are_accepted(tmp_path: Path, timeout: int, memory: int) -> None:
-    config = one(tmp_path, function_yaml(f"Timeout: {timeout}\nMemorySize: {memory}"))
-    assert (config.timeout_s, config.memory_mb) == (float(timeout), memory)
-
-
-def test_bad_function_name_and_duplicates_are_refused(tmp_path: Path) -> None:
-    refused(tmp_path, function_yaml("FunctionName: 'has space'"), "Fn", "FunctionName 'has space'")
+def test_duplicate_function_names_are_refused(tmp_path: Path) -> None:
     body = (
         function_yaml("FunctionName: same") + function_yaml("FunctionName: same", name="Twin").split("Resources:\n")[1]
     )
     refused(tmp_path, body, "Twin", "FunctionName 'same' is already used by Fn")
-
-
-@pytest.mark.parametrize(
-    ("body", "rule"),
-    [
-        ("- just\n- a list\n", "must be a mapping with a Resources section"),
-        ("AWSTemplateFormatVersion: '2010-09-09'\n", "non-empty Resources"),
-        ("Resources: {}\n", "non-empty Resources"),
-        ("Resources:\n\tFn: x\n", "not valid YAML: line 2, column 1"),
-        ("Resources:\n  Fn: {Type: X}\n  Bad: a: b\n", "not valid YAML: line 3"),
-        ("Resources:\n  Fn: !Bogus x\n", "not valid YAML: line 2"),
-        ("Resources:\n  A: {Type: X}\n  A: {Type: Y}\n", "duplicate key 'A'"),
-    ],
-)
-def test_bad_template_files_are_refused(tmp_path: Path, body: str, rule: str) -> None:
-    refused(tmp_path, body, rule)
-
-
-def test_missing_template_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(TemplateError, match="template file not found") as caught:
-        load_template(tmp_path / "nope.yaml")
-    assert str(tmp_path / "nope.yaml") in str(caught.value)
 
 
 def test_a_function_may_refer_to_its_own_name_and_arn(tmp_path: Path) -> None:

@@ -128,22 +128,9 @@ class Isolation:
         """Whether the kernel killed something for the memory limit."""
         return self.oom_kill_count() > 0
 
-    async def freeze(self, *, wait: bool = False) -> None:
-        """Freeze every process of the environment (cgroup freezer, else SIGSTOP).
-
-        Unless ``wait``, nothing waits for the processes to stop (``freeze_at_once``); with ``wait``, a bounded
-        wait until every one has."""
-        if not wait:
-            return self.freeze_at_once()
-        if self._cgroups.freezer is not None:
-            return await self._set_freezer("FROZEN")
-        self._frozen = True
-
-        def all_stopped() -> bool:  # list again each time: they may have forked meanwhile
-            self._stopped.update(_kill(signal.SIGSTOP, [p for p in self.pids() if p not in self._stopped]))
-            return all(_status(p) in ("T", "Z", None) for p in self._stopped)
-
-        await _poll(all_stopped, "freeze (SIGSTOP)")
+    async def freeze(self) -> None:
+        """Freeze every process of the environment (cgroup freezer, else SIGSTOP); as ``freeze_at_once``."""
+        self.freeze_at_once()
 
     def freeze_at_once(self) -> None:
         """Start freezing every process of the environment; nothing waits for them to stop. The cgroup freezer

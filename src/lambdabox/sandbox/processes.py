@@ -10,6 +10,7 @@ import os
 import signal as signals
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, cast
 
@@ -54,6 +55,7 @@ class _Capture(asyncio.Protocol):
         self._framed = framed
         self._buf = bytearray()
         self._frame_left = -1  # payload bytes still due for the current frame; -1 = expecting a header
+        self.sink_failures = 0  # records the sink raised on
         self.transport: asyncio.ReadTransport | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -64,8 +66,16 @@ class _Capture(asyncio.Protocol):
         text = _text(data)
         if text.endswith("\n"):
             text = text[:-1]
-        with contextlib.suppress(Exception):  # a failing sink must not kill the reader
+        try:
             self._sink(self._label, text)
+        except Exception as e:  # a failing sink must not kill the reader: the first failure is told, all counted
+            self.sink_failures += 1
+            if self.sink_failures == 1:
+                with contextlib.suppress(OSError, ValueError):  # nor a closed stderr
+                    print(
+                        f"lambdabox: the log sink of {self._label} failed: {e!r}; later failures are counted",
+                        file=sys.stderr,
+                    )
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -208,8 +218,7 @@ class OwnedProcess:
         except BaseException:
             for fd in fds:
                 os.close(fd)
-            owned = cls(proc, label, captures)
-            await owned.stop(0)
+            await cls(proc, label, captures)._kill()
             raise
         return cls(proc, label, captures)
 
@@ -217,66 +226,32 @@ class OwnedProcess:
     def returncode(self) -> int | None:
         return self._proc.returncode
 
+    @property
+    def sink_failures(self) -> int:
+        """How many of the process's records the sink raised on (the first per stream is told on stderr)."""
+        return sum(capture.sink_failures for capture in self._captures)
+
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the whole process group; nothing happens if it is already gone."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
     async def wait_exit(self) -> int:
-        """Wait for the exit (no deadline: bound it yourself or use ``stop``); then drain the output."""
+        """Wait for the exit, then drain the output. No deadline: bound it yourself (to end the process, send
+        SIGKILL to its group with ``signal`` first)."""
         returncode = await self._proc.wait()
         await self._drain()
         return returncode
 
-    async def stop(self, grace_s: float) -> int:
-        """SIGTERM the group; SIGKILL it once ``grace_s`` has passed; reap and drain; the returncode."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        if self._proc.returncode is None or self._group_alive():
-            self.signal(signals.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._proc.wait(), max(0.0, deadline - loop.time()))
-            # The leader may be gone while the rest of its group still winds down: give it the grace.
-            while loop.time() < deadline:
-                if not self._group_alive():
-                    break
-                await asyncio.sleep(0.005)
-            self.signal(signals.SIGKILL)
-        kill_deadline = loop.time() + KILL_BOUND_S
+    async def _kill(self) -> None:
+        """SIGKILL the group, reap the leader and drain, within KILL_BOUND_S (a ``start`` that failed)."""
+        self.signal(signals.SIGKILL)
         try:
-            returncode = await asyncio.wait_for(self._proc.wait(), KILL_BOUND_S)
-            while loop.time() < kill_deadline:  # the rest of the group dies asynchronously too
-                if not self._group_alive():
-                    break
-                await asyncio.sleep(0.002)
+            await asyncio.wait_for(self._proc.wait(), KILL_BOUND_S)
         except TimeoutError:
             raise SandboxError(f"{self.label} (pid {self.pid}) still alive {KILL_BOUND_S}s after SIGKILL") from None
         finally:
             await self._drain()
-        return returncode
-
-    def _group_alive(self) -> bool:
-        """Whether a process of the group still runs (zombies, which nobody may ever reap, do not)."""
-        try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        if self._proc.returncode is None:
-            return True
-        with os.scandir("/proc") as entries:
-            for entry in entries:
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/stat", "rb") as f:
-                        fields = f.read().rsplit(b")", 1)[1].split()
-                except (OSError, IndexError):
-                    continue
-                if int(fields[2]) == self.pid and fields[0] not in (b"Z", b"X"):
-                    return True
-        return False
 
     async def _drain(self) -> None:
         """Let the readers finish the pipes (bounded), then close whatever is still open."""

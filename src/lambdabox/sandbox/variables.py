@@ -9,31 +9,8 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 
+from lambdabox.core.contract import RESERVED_ENVIRONMENT_VARIABLES
 from lambdabox.core.model import FunctionConfig
-
-RESERVED = frozenset(
-    {
-        "_HANDLER",
-        "_X_AMZN_TRACE_ID",
-        "AWS_DEFAULT_REGION",
-        "AWS_REGION",
-        "AWS_EXECUTION_ENV",
-        "AWS_LAMBDA_FUNCTION_NAME",
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-        "AWS_LAMBDA_FUNCTION_VERSION",
-        "AWS_LAMBDA_INITIALIZATION_TYPE",
-        "AWS_LAMBDA_LOG_GROUP_NAME",
-        "AWS_LAMBDA_LOG_STREAM_NAME",
-        "AWS_ACCESS_KEY",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_LAMBDA_RUNTIME_API",
-        "LAMBDA_TASK_ROOT",
-        "LAMBDA_RUNTIME_DIR",
-    }
-)
-"""Variables only Lambda sets; a function's own value for one of them is ignored."""
 
 RUNTIME_ONLY = frozenset(
     {
@@ -132,8 +109,8 @@ def function_environment(
         }
     )
     runtime_env = runtime_env or {}
-    env.update({k: v for k, v in runtime_env.items() if k not in RESERVED})
-    env.update({k: v for k, v in config.environment.items() if k not in RESERVED})
+    env.update({k: v for k, v in runtime_env.items() if k not in RESERVED_ENVIRONMENT_VARIABLES})
+    env.update({k: v for k, v in config.environment.items() if k not in RESERVED_ENVIRONMENT_VARIABLES})
 
     reserved = {
         "_HANDLER": config.handler,
@@ -188,3 +165,12 @@ def _join_path(first: Sequence[str], rest: str) -> str:
             seen.add(key)
             entries.append(entry)
     return ":".join(entries)
+
+
+def host_credentials() -> dict[str, str]:
+    """The credentials a function gets: the host's AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN where
+    set (the AWS SDKs in the function then reach AWS as the developer), else a fixed stand-in pair."""
+    found = {name: os.environ[name] for name in CREDENTIAL_VARIABLES if name in os.environ}
+    if "AWS_ACCESS_KEY_ID" not in found:
+        found = {"AWS_ACCESS_KEY_ID": "AKIALAMBDABOXLOCAL00", "AWS_SECRET_ACCESS_KEY": "lambdabox-local-secret"}
+    return found

@@ -1,53 +1,37 @@
-"""SAM / CloudFormation templates into FunctionConfig: load, resolve what lambdabox uses, merge Globals,
-and refuse (TemplateError) whatever Lambda would refuse or lambdabox cannot run locally.
+"""SAM / CloudFormation templates into FunctionConfig: resolve what lambdabox uses, merge Globals, find code
+and layers on disk, and refuse (TemplateError) whatever Lambda would refuse or lambdabox cannot run locally.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-import yaml
-
 from lambdabox.core.errors import TemplateError
 from lambdabox.core.model import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, EventInvokeConfig, FunctionConfig, LayerConfig
+from lambdabox.template.document import read_document, read_section
 from lambdabox.template.eventconfig import EVENT_INVOKE_CONFIG, read_event_invoke
-from lambdabox.template.intrinsic import NO_VALUE, Resolver, Unresolvable, load_yaml, scalar_text
-
-SUPPORTED_RUNTIMES: Final = frozenset(
-    {f"python3.{minor}" for minor in range(9, 15)}
-    | {"nodejs18.x", "nodejs20.x", "nodejs22.x", "nodejs24.x"}
-    | {"provided", "provided.al2", "provided.al2023"}
+from lambdabox.template.intrinsic import NO_VALUE, Resolver, Unresolvable
+from lambdabox.template.properties import (
+    DEFAULT_MEMORY_MB,
+    DEFAULT_TIMEOUT_S,
+    MEMORY_RANGE,
+    TIMEOUT_RANGE,
+    check_layer_count,
+    read_environment,
+    read_function_name,
+    read_handler,
+    read_runtime,
+    read_whole,
 )
-RESERVED_ENVIRONMENT_VARIABLES: Final = frozenset(
-    {
-        "_HANDLER", "AWS_REGION", "AWS_EXECUTION_ENV", "AWS_LAMBDA_FUNCTION_NAME",
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_FUNCTION_VERSION", "AWS_LAMBDA_INITIALIZATION_TYPE",
-        "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_LAMBDA_RUNTIME_API", "LAMBDA_TASK_ROOT",
-        "LAMBDA_RUNTIME_DIR",
-    }
-)  # fmt: skip
-MAX_LAYERS: Final = 5
-MAX_ENVIRONMENT_BYTES: Final = 4096
-TIMEOUT_RANGE: Final = (1, 900)
-MEMORY_RANGE: Final = (128, 10240)
-DEFAULT_TIMEOUT_S: Final = 3
-DEFAULT_MEMORY_MB: Final = 128
 
 SERVERLESS_FUNCTION: Final = "AWS::Serverless::Function"
 LAMBDA_FUNCTION: Final = "AWS::Lambda::Function"
 FUNCTION_TYPES: Final = {SERVERLESS_FUNCTION: "CodeUri", LAMBDA_FUNCTION: "Code"}
 LAYER_TYPES: Final = {"AWS::Serverless::LayerVersion": "ContentUri", "AWS::Lambda::LayerVersion": "Content"}
 
-_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_ENV_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]+")
-_ENV_KEY_RULE = "names start with a letter, have two characters or more, and hold only letters, digits and _"
 _MISSING: Final = object()
 
 
@@ -78,44 +62,7 @@ class Template:
 def load_template(path: Path, parameter_overrides: Mapping[str, str] | None = None) -> Template:
     """Read a SAM or CloudFormation template (YAML or JSON) and build every function in it."""
     source = Path(path).absolute()
-    return _Loader(source, _read(source), dict(parameter_overrides or {})).load()
-
-
-def _read(source: Path) -> dict[str, Any]:
-    where = str(source)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TemplateError(where, None, "template file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TemplateError(where, None, f"cannot read the template: {exc}") from None
-    document: Any = _MISSING
-    if text.lstrip().startswith("{"):
-        with contextlib.suppress(json.JSONDecodeError):  # else YAML reports the error with its line
-            document = json.loads(text)
-    if document is _MISSING:
-        try:
-            document = load_yaml(text)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            problem = exc.problem or exc.context or "invalid YAML"
-            raise TemplateError(where, None, f"not valid YAML: {line}{problem}") from None
-        except yaml.YAMLError as exc:
-            raise TemplateError(where, None, f"not valid YAML: {exc}") from None
-    if not isinstance(document, dict):
-        raise TemplateError(where, None, "a template must be a mapping with a Resources section")
-    resources = document.get("Resources")
-    if not isinstance(resources, dict) or not resources:
-        raise TemplateError(where, None, "a template must have a non-empty Resources mapping")
-    return document
-
-
-def _section(document: dict[str, Any], source: str, name: str) -> dict[str, Any]:
-    value = document.get(name) or {}
-    if not isinstance(value, dict):
-        raise TemplateError(source, name, f"{name} must be a mapping")
-    return value
+    return _Loader(source, read_document(source), dict(parameter_overrides or {})).load()
 
 
 class _Loader:
@@ -125,18 +72,18 @@ class _Loader:
         self.source = source
         self.where = str(source)
         self.base = source.parent
-        self.parameters = _section(document, self.where, "Parameters")
+        self.parameters = read_section(document, self.where, "Parameters")
         self.overrides = overrides
         self.resources: dict[str, Any] = document["Resources"]
-        globals_ = _section(document, self.where, "Globals")
+        globals_ = read_section(document, self.where, "Globals")
         self.globals = globals_.get("Function") or {}
         if not isinstance(self.globals, dict):
             raise TemplateError(self.where, "Globals", "Globals.Function must be a mapping")
         self.resolver = Resolver(
             ref=self._ref,
             get_att=self._get_att,
-            mappings=_section(document, self.where, "Mappings"),
-            conditions=_section(document, self.where, "Conditions"),
+            mappings=read_section(document, self.where, "Mappings"),
+            conditions=read_section(document, self.where, "Conditions"),
         )
         self.layers: dict[str, LayerConfig] = {}
         self.names: dict[str, str | None] = {}  # logical id -> FunctionName (None while resolving)
@@ -222,9 +169,7 @@ class _Loader:
         value = logical_id if raw is _MISSING else self._resolve(logical_id, "FunctionName", raw)
         if value is NO_VALUE:
             value = logical_id
-        if not isinstance(value, str) or not _FUNCTION_NAME.fullmatch(value):
-            rule = f"FunctionName {value!r} must be 1 to 64 letters, digits, hyphens or underscores"
-            raise TemplateError(self.where, logical_id, rule)
+        value = read_function_name(value, _Fail(self.where, logical_id))
         self.names[logical_id] = value
         return value
 
@@ -317,27 +262,21 @@ class _Loader:
         runtime = self._get(logical_id, "Runtime")
         if runtime is _MISSING:
             fail("Runtime is missing (set it on the function or in Globals.Function)")
-        if not isinstance(runtime, str) or runtime not in SUPPORTED_RUNTIMES:
-            fail(f"Runtime {runtime!r} is not supported; supported: {', '.join(sorted(SUPPORTED_RUNTIMES))}")
+        runtime = read_runtime(runtime, fail)
         handler = self._get(logical_id, "Handler")
-        if handler is _MISSING or handler == "":
-            if not runtime.startswith("provided"):
-                fail(f"Handler is missing; runtime {runtime} needs one")
-            handler = ""
-        if not isinstance(handler, str):
-            fail(f"Handler must be a string, not {handler!r}")
+        handler = read_handler("" if handler is _MISSING else handler, runtime, fail)
 
         timeout, memory = DEFAULT_TIMEOUT_S, DEFAULT_MEMORY_MB
         if (value := self._get(logical_id, "Timeout")) is not _MISSING:
-            timeout = _whole(fail, value, "Timeout", *TIMEOUT_RANGE)
+            timeout = read_whole(fail, value, "Timeout", *TIMEOUT_RANGE)
         if (value := self._get(logical_id, "MemorySize")) is not _MISSING:
-            memory = _whole(fail, value, "MemorySize", *MEMORY_RANGE)
+            memory = read_whole(fail, value, "MemorySize", *MEMORY_RANGE)
         reserved = provisioned = None
         if (value := self._get(logical_id, "ReservedConcurrentExecutions")) is not _MISSING:
-            reserved = _whole(fail, value, "ReservedConcurrentExecutions")
+            reserved = read_whole(fail, value, "ReservedConcurrentExecutions")
         if (value := self._get(logical_id, "ProvisionedConcurrencyConfig")) is not _MISSING:
             count = value.get("ProvisionedConcurrentExecutions") if isinstance(value, dict) else None
-            provisioned = _whole(fail, count, "ProvisionedConcurrencyConfig.ProvisionedConcurrentExecutions")
+            provisioned = read_whole(fail, count, "ProvisionedConcurrencyConfig.ProvisionedConcurrentExecutions")
         event_invoke = EventInvokeConfig()
         if (value := self._raw(logical_id, "EventInvokeConfig")) is not _MISSING:
             if not isinstance(value, dict):
@@ -379,33 +318,12 @@ class _Loader:
             else:
                 path = self._local_path(logical_id, "Layers", item)
                 layers.append(LayerConfig(name=path.name, content=path))
-        if len(layers) > MAX_LAYERS:
-            fail(f"Layers: {len(layers)} layers; a function can use at most {MAX_LAYERS}")
+        check_layer_count(len(layers), fail)
         return tuple(layers)
 
     def _environment(self, logical_id: str, fail: _Fail) -> dict[str, str]:
         value = self._get(logical_id, "Environment")
-        if value is _MISSING:
-            return {}
-        variables = value.get("Variables", {}) if isinstance(value, dict) else None
-        if not isinstance(variables, dict):
-            fail("Environment must be a mapping with a Variables mapping")
-        environment: dict[str, str] = {}
-        for key, raw in variables.items():
-            if not isinstance(key, str) or not _ENV_KEY.fullmatch(key):
-                fail(f"Environment variable {key!r}: {_ENV_KEY_RULE}")
-            if key in RESERVED_ENVIRONMENT_VARIABLES:
-                fail(f"Environment variable {key} is reserved by Lambda and cannot be set")
-            if raw is None:
-                fail(f"Environment variable {key} has no value")
-            try:
-                environment[key] = scalar_text(raw, f"Environment variable {key}")
-            except Unresolvable as exc:
-                fail(exc.rule)
-        size = sum(len(k.encode()) + len(v.encode()) for k, v in environment.items())
-        if size > MAX_ENVIRONMENT_BYTES:
-            fail(f"Environment variables take {size} bytes; Lambda allows at most {MAX_ENVIRONMENT_BYTES}")
-        return environment
+        return {} if value is _MISSING else read_environment(value, fail)
 
 
 class _Fail:
@@ -433,22 +351,3 @@ def _merge(shared: Any, own: Any) -> Any:
     if isinstance(shared, list) and isinstance(own, list):
         return shared + own
     return own
-
-
-def _whole(fail: _Fail, value: Any, prop: str, low: int = 0, high: int | None = None) -> int:
-    number = _as_int(value)
-    if number is None or number < low or (high is not None and number > high):
-        fail(f"{prop} {value!r} must be a whole number from {low}" + (f" to {high}" if high else " up"))
-    return number
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
