@@ -39,7 +39,8 @@ from pathlib import Path
 from common import LogTail, ms
 
 from lambdabox.core.model import FunctionConfig, Response
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.loop import run as run_loop
 from lambdabox.sandbox.runtime import resolve_runtime
 

@@ -52,7 +52,8 @@ from common import percentile
 
 from lambdabox.core.model import FunctionConfig, LayerConfig, Response
 from lambdabox.core.telemetry import TELEMETRY, encode, render
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import TelemetryEvent
 from lambdabox.loop import run as run_loop
 

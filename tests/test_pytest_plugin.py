@@ -158,7 +158,7 @@ def test_options_come_from_an_overridable_fixture(project: pytest.Pytester) -> N
     project.makeconftest(
         """
         import pytest
-        from lambdabox.environment.opening import Options
+        from lambdabox.environment.options import Options
 
 
         @pytest.fixture

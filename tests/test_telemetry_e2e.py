@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lambdabox.core.model import FunctionConfig, LambdaFailure, Response
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult
 from lambdabox.environment.runner import Environment
 from support import Collector, Recorder, collector, make_function, run

@@ -12,8 +12,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from lambdabox.environment.opening import Options
+    from lambdabox.environment.options import Options
     from lambdabox.testing import LambdaFunction
+
+__all__ = [
+    "lambda_function",
+    "lambdabox_options",
+    "lambdabox_template",
+    "pytest_addoption",
+    "pytest_runtest_makereport",
+]
 
 TEMPLATE_HELP = "the SAM or CloudFormation template of lambda_function (default: template.yaml at the rootdir)"
 _STARTED = pytest.StashKey[list["LambdaFunction"]]()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import psutil
@@ -11,8 +12,10 @@ import pytest
 
 from lambdabox.core.errors import ConfigError
 from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
-from lambdabox.environment.opening import Options, open_environment
-from lambdabox.environment.report import InvokeResult
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
+from lambdabox.environment.report import InvokeResult, TelemetryEvent
+from lambdabox.sandbox.isolation import Isolation
 from support import Recorder, make_function, run
 
 
@@ -227,15 +230,21 @@ def _freezer_state(pid: int) -> str:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs the cgroup freezer")
 def test_processes_are_frozen_between_invokes(tmp_path: Path) -> None:
+    import asyncio  # (only this test of the module waits by itself)
+
     config = make_function(tmp_path, extensions={"ext": "ext.py"})
 
     async def go() -> list[str]:
         async with open_environment(config) as env:
             await env.invoke(b"{}")
             await env.settled()  # the Freeze command given after the invoke has been carried out
-            pids = env._isolation.pids()
+            pids = env.isolation.pids()
             assert len(pids) >= 2  # the runtime and the extension
-            await env._isolation.freeze(wait=True)  # the kernel completes a freeze on its own: wait for FROZEN
+            async with asyncio.timeout(10):  # the kernel completes a freeze on its own: wait, bounded, for FROZEN
+                while True:
+                    if {_freezer_state(pid) for pid in pids} == {"FROZEN"}:
+                        break
+                    await asyncio.sleep(0.005)
             states = [_freezer_state(pid) for pid in pids]
             await env.invoke(b"{}")  # and thawed again for the next invoke
             return states
@@ -314,3 +323,42 @@ def test_host_network_reaches_services_on_the_host_and_private_network_does_not(
     assert body(shared) == {"status": 200, "body": "from the host"}
     if os.geteuid() == 0:
         assert body(private) == {"error": "URLError"}  # only loopback inside the environment's namespace
+
+
+def broken_observer(event: TelemetryEvent) -> None:
+    raise RuntimeError("an observer's bug")
+
+
+def test_an_observer_that_always_raises_neither_hangs_an_invoke_nor_silences_the_others(
+    tmp_path: Path, recorder: Recorder, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = make_function(tmp_path, extensions={"py-ext": "ext.py"})
+
+    async def go() -> tuple[list[InvokeResult], float]:
+        async with open_environment(config, None, [broken_observer, recorder]) as env:
+            started = env.now()
+            results = [await env.invoke(b"{}") for _ in range(3)]
+            return results, env.now() - started
+
+    results, elapsed = run(go())
+    assert [type(r.outcome) for r in results] == [Response, Response, Response]
+    assert elapsed < config.timeout_s  # answered as usual: before the fix the first invoke hung for its whole budget
+    assert recorder.types().count("platform.report") == 3  # the others still see every event
+    said = [line for line in recorder.lines("lambdabox") if "an observer of the environment" in line]
+    assert len(said) == 1 and 'RuntimeError("an observer\'s bug")' in said[0]  # said once; later ones counted
+    err = capfd.readouterr().err
+    assert "an observer of the environment" in err and "later failures are counted" in err
+    assert re.search(r"an observer of the environment \(.*broken_observer.*\) failed \d+ times", err)
+
+
+def test_a_command_that_fails_is_reported_and_the_next_ones_go_on(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: Isolation) -> None:
+        raise OSError("the freezer refused")
+
+    monkeypatch.setattr(Isolation, "freeze_at_once", refuse)
+    first, second = invoke_all(make_function(tmp_path), [{"n": 1}, {"n": 2}], recorder)
+    assert body(first)["event"] == {"n": 1} and body(second)["event"] == {"n": 2}
+    failures = [line for line in recorder.lines("lambdabox") if line.startswith("lambdabox: Freeze failed")]
+    assert len(failures) == 2 and "the freezer refused" in failures[0]

@@ -14,7 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from lambdabox.core.model import Response
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult, TelemetryEvent
 from lambdabox.environment.runner import Environment
 from lambdabox.template.load import load_template

@@ -22,7 +22,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from lambdabox.core.model import Response
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult
 from lambdabox.sandbox import outbound
 from lambdabox.template.load import load_template

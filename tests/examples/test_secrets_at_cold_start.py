@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from lambdabox.core.model import LambdaFailure, Response
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult
 from lambdabox.template.load import load_template
 from support import Recorder, run

@@ -33,7 +33,8 @@ from lambdabox.core.model import FunctionConfig
 from lambdabox.core.state import Settings
 from lambdabox.core.telemetry import parse_telemetry_subscription
 from lambdabox.environment.delivery import open_telemetry_hub
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult, TelemetryEvent
 from lambdabox.observe.timeline import AFTER, PLATFORM, RUNTIME, RUNTIME_INIT, Section, Timeline, render_html
 from support import FIXTURES, PYTHON, Recorder, collector, extension_script, make_function, run

@@ -12,7 +12,6 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lambdabox
@@ -28,6 +27,7 @@ from lambdabox.core.model import FunctionConfig
 from lambdabox.core.state import SLACK_S, Settings
 from lambdabox.environment.delivery import open_telemetry_hub
 from lambdabox.environment.observers import Clock, Observers
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import Observer
 from lambdabox.environment.runner import Environment
 from lambdabox.loop import open_task_group
@@ -39,15 +39,6 @@ from lambdabox.sandbox.runtime import find_node_ric, resolve_runtime
 from lambdabox.sandbox.variables import log_stream_name
 
 RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)  # where Lambda serves the APIs, inside the environment's namespace
-
-
-@dataclass(frozen=True)
-class Options:
-    freeze: bool = True
-    isolate: bool = True
-    private_network: bool = True  # a network namespace (outbound through slirp4netns); False: the host's network
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "lambdabox")
-    initialization_type: str = "on-demand"
 
 
 def discover_extensions(opt: Path, source: str) -> tuple[str, ...]:

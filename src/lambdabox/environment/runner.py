@@ -32,7 +32,7 @@ from lambdabox.sandbox.runtime import RuntimeCommand, runtime_dir_for
 from lambdabox.sandbox.variables import extension_environment, function_environment, host_credentials
 
 if TYPE_CHECKING:
-    from lambdabox.environment.opening import Options
+    from lambdabox.environment.options import Options
     from lambdabox.sandbox.netns import NetNamespace
 
 MIB = 1024 * 1024

@@ -20,7 +20,8 @@ from types import TracebackType
 from typing import BinaryIO
 
 from lambdabox.core.model import FunctionConfig
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import Observer, TelemetryEvent
 from lambdabox.environment.runner import Environment
 from lambdabox.observe.console import format_event

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lambdabox.core.model import FunctionConfig, LayerConfig
-from lambdabox.environment.opening import Options
+from lambdabox.environment.options import Options
 from lambdabox.template.load import load_template
 from lambdabox.testing.function import START_TIMEOUT_S, LambdaFunction
 

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from lambdabox.core import facts as f
 from lambdabox.core.model import FunctionConfig, LambdaFailure, Outcome, Response
 from lambdabox.core.state import INIT_TIMEOUT_S, SLACK_S, invoke_budget_s
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult, Report, TelemetryEvent
 from lambdabox.environment.runner import Environment
 from lambdabox.loop import new_event_loop
