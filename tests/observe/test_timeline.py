@@ -36,7 +36,8 @@ from lambdabox.environment.delivery import open_telemetry_hub
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult, TelemetryEvent
-from lambdabox.observe.timeline import AFTER, PLATFORM, RUNTIME, RUNTIME_INIT, Section, Timeline, render_html
+from lambdabox.observe.page import render_html
+from lambdabox.observe.timeline import AFTER, PLATFORM, RUNTIME, RUNTIME_INIT, Section, Timeline
 from support import FIXTURES, PYTHON, Recorder, collector, extension_script, make_function, run
 
 T0 = 1_700_000_000.0

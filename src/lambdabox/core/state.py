@@ -15,6 +15,10 @@ PAUSE_BEFORE_FREEZE_S = 6.0
 """A telemetry delivery under way is let finish (each is bounded by its request timeout) before its listener freezes."""
 
 
+INIT_BUDGET_S = INIT_TIMEOUT_S + SLACK_S
+"""The longest an Init run ahead of any invoke may take to end, reaped."""
+
+
 def invoke_budget_s(timeout_s: float) -> float:
     """The longest one invoke may take by Lambda's rules: an Init it waits for, the function timeout, and the slack."""
     return INIT_TIMEOUT_S + timeout_s + SLACK_S

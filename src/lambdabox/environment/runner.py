@@ -137,7 +137,7 @@ class Environment:
 
     async def initialize(self) -> bool:
         """Run Init ahead of the first invoke (as provisioned concurrency does): True once it succeeded, False once it
-        failed. Bound it with ``INIT_TIMEOUT_S + SLACK_S``."""
+        failed. Bound it with ``INIT_BUDGET_S``."""
         ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._inits.append(ended)
         try:

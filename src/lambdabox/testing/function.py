@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lambdabox.core import facts as f
+from lambdabox.core.errors import error_body
 from lambdabox.core.model import FunctionConfig, LambdaFailure, Outcome, Response
-from lambdabox.core.state import INIT_TIMEOUT_S, SLACK_S, invoke_budget_s
+from lambdabox.core.state import INIT_BUDGET_S, invoke_budget_s
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult, Report, TelemetryEvent
@@ -94,7 +95,7 @@ class Invocation:
     def payload(self) -> bytes:
         """What the caller receives: the response, or the error object."""
         if isinstance(self.outcome, LambdaFailure):
-            return json.dumps({"errorType": self.outcome.error_type, "errorMessage": self.outcome.message}).encode()
+            return error_body(self.outcome.error_type, self.outcome.message)
         return self.outcome.body
 
     @property
@@ -199,7 +200,7 @@ class LambdaFunction:
         coroutine = self._invoke(body, client_context)
         return PendingInvocation(self, asyncio.run_coroutine_threadsafe(coroutine, self._loop), first)
 
-    def initialize(self, timeout: float = INIT_TIMEOUT_S + SLACK_S) -> TelemetryEvent:
+    def initialize(self, timeout: float = INIT_BUDGET_S) -> TelemetryEvent:
         """Run Init ahead of the first invoke, as provisioned concurrency does; returns its platform.initReport."""
         self._bounded(asyncio.run_coroutine_threadsafe(self._env.initialize(), self._loop), timeout, "initialize")
         return self.wait_for_event("platform.initReport", timeout=timeout)
