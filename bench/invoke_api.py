@@ -137,7 +137,7 @@ run(main(*sys.argv[1:]))
 # answering 200 with the same JSON body. Prints {"url", "pid"} once serving; stops at EOF on stdin or SIGTERM.
 FLOOR = """\
 import asyncio, json, os, signal, sys
-from lambdabox.api.httpserver import Response, Router, HttpServer
+from lambdabox.api.httpserver import Response, Router, open_http_server
 from lambdabox.loop import run
 
 async def invoke(request):
@@ -146,17 +146,16 @@ async def invoke(request):
 async def main():
     router = Router()
     router.add("POST", "/2015-03-31/functions/{name}/invocations", invoke)
-    server = HttpServer(router)
-    host, port = await server.listen("127.0.0.1", 0)
-    print(json.dumps({"url": f"http://{host}:{port}", "pid": os.getpid()}), flush=True)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({stopping, asyncio.ensure_future(reader.read())}, return_when=asyncio.FIRST_COMPLETED)
-    await server.close()
+    async with open_http_server(router) as server:
+        host, port = await server.listen("127.0.0.1", 0)
+        print(json.dumps({"url": f"http://{host}:{port}", "pid": os.getpid()}), flush=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({stopping, asyncio.ensure_future(reader.read())}, return_when=asyncio.FIRST_COMPLETED)
 
 run(main())
 """

@@ -49,10 +49,11 @@ from pathlib import Path
 
 from common import LogTail, ms, percentile
 
-from lambdabox.api.httpserver import HttpServer, Request, Response, Router
+from lambdabox.api.httpserver import Request, Response, Router, open_http_server
 from lambdabox.core.model import FunctionConfig, LayerConfig
 from lambdabox.core.model import Response as InvokeResponse
-from lambdabox.environment.opening import Options, open_environment
+from lambdabox.environment.opening import open_environment
+from lambdabox.environment.options import Options
 from lambdabox.environment.runner import Environment
 from lambdabox.loop import run as run_loop
 
@@ -137,8 +138,7 @@ async def floor_case() -> collections.abc.AsyncIterator[Case]:
 
     router = Router()
     router.add("GET", "/ping", ping)
-    server = HttpServer(router)
-    try:
+    async with open_http_server(router) as server:
         host, port = await server.listen("127.0.0.1", 0)
         client = await asyncio.create_subprocess_exec(
             *(BASE_PYTHON, "-I", "-c", FLOOR_CLIENT, host, str(port)),
@@ -163,8 +163,6 @@ async def floor_case() -> collections.abc.AsyncIterator[Case]:
         finally:
             stdin.close()
             await asyncio.wait_for(client.wait(), 5.0)
-    finally:
-        await server.close()
 
 
 # ---- the function ----------------------------------------------------------------------------------------

@@ -16,15 +16,17 @@ from typing import Any, TypeVar
 
 import click
 
-from lambdabox.core.errors import ConfigError, LambdaboxError
+from lambdabox.core.errors import ConfigError, LambdaboxError, error_body
 from lambdabox.core.model import FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
-from lambdabox.environment.opening import Options
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import Observer
+from lambdabox.loop import open_task_group
 from lambdabox.loop import run as run_loop
 from lambdabox.observe.console import Console
 from lambdabox.observe.logs_cli import logs
 from lambdabox.observe.logstore import LogStore, open_logged_environment
-from lambdabox.observe.timeline import Section, Timeline, render_html
+from lambdabox.observe.page import render_html
+from lambdabox.observe.timeline import Section, Timeline
 from lambdabox.service.pool import DEFAULT_KEEP_ALIVE_S, default_max_concurrency
 from lambdabox.service.server import DEFAULT_DESTINATIONS, DEFAULT_PORT, ServerSettings, open_server
 from lambdabox.template.load import Template, load_template
@@ -168,12 +170,13 @@ async def _invoke(
         for line in env.degraded:
             click.echo(f"lambdabox: degraded mode: {line}", err=True)
         for _ in range(repeat):
-            task = asyncio.create_task(env.invoke(payload))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not task.done():
-                task.cancel()
+            async with open_task_group() as group:
+                task = group.create_task(env.invoke(payload))
+                stopper = group.create_task(stop.wait())
+                await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                task.cancel()  # (a signal came first: the invoke is cut short)
+            if task.cancelled():
                 ok = False
                 break
             result = task.result()
@@ -310,7 +313,7 @@ def render_outcome(outcome: Outcome) -> str:
         case FunctionFailure(body=body):
             text = body.decode("utf-8", "replace")
         case LambdaFailure(error_type=error_type, message=message):
-            return json.dumps({"errorType": error_type, "errorMessage": message})
+            return error_body(error_type, message).decode()
     try:
         return json.dumps(json.loads(text), ensure_ascii=False)
     except ValueError:

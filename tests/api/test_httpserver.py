@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from lambdabox.api import httpserver
-from lambdabox.api.httpserver import HttpServer, Request, Response, Router, json_response
-from lambdabox.core.errors import ApiError
+from lambdabox.api.httpserver import Request, Response, Router, json_response, open_http_server
+from lambdabox.core.errors import ApiError, ErrorType
+from lambdabox.loop import open_task_group
 from support import run
 
 
@@ -23,7 +24,7 @@ async def echo(request: Request) -> Response:
 
 
 async def refuse(request: Request) -> Response:
-    raise ApiError(403, "Some.ErrorType", "not now")
+    raise ApiError(403, ErrorType.INVALID_STATE_TRANSITION, "not now")
 
 
 async def broken(request: Request) -> Response:
@@ -44,12 +45,8 @@ async def serving() -> AsyncIterator[tuple[str, int]]:
     router.add("GET", "/refuse", refuse)
     router.add("GET", "/broken", broken)
     router.add("GET", "/wait", wait)
-    server = HttpServer(router)
-    address = await server.listen("127.0.0.1", 0)
-    try:
-        yield address
-    finally:
-        await server.close()
+    async with open_http_server(router) as server:
+        yield await server.listen("127.0.0.1", 0)
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -166,7 +163,7 @@ def test_routing_misses_and_errors_are_answered() -> None:
     answers = exchange(*(get % p for p in (b"/nowhere", b"/items/1/things", b"/refuse", b"/broken")), responses=4)
     (s404, _, _), (s405, h405, _), (s403, _, b403), (s500, _, b500) = answers
     assert (s404, s405, h405["allow"]) == (404, 405, "POST")
-    assert (s403, json.loads(b403)) == (403, {"errorMessage": "not now", "errorType": "Some.ErrorType"})
+    assert (s403, json.loads(b403)) == (403, {"errorMessage": "not now", "errorType": "InvalidStateTransition"})
     assert s500 == 500 and json.loads(b500) == {
         "errorMessage": "RuntimeError('a bug')",
         "errorType": "ServiceException",
@@ -195,20 +192,90 @@ def test_close_ends_connections_and_cancels_answers_in_progress() -> None:
         await gate
         return json_response({})
 
-    async def go() -> tuple[bytes, bool]:
+    async def go() -> tuple[bytes, bool, bool]:
         nonlocal gate
         gate = asyncio.get_running_loop().create_future()
         router = Router()
         router.add("GET", "/forever", forever)
-        server = HttpServer(router)
-        host, port = await server.listen("127.0.0.1", 0)
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
-        await entered.wait()
-        await server.close()
-        rest = await asyncio.wait_for(reader.read(), 5)
+        async with open_http_server(router) as server:
+            host, port = await server.listen("127.0.0.1", 0)
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            await entered.wait()
+        rest = await asyncio.wait_for(reader.read(), 5)  # the block's exit closed the server, with no grace
         writer.close()
-        return rest, not server.tasks and gate.cancelled()
+        nothing_left = asyncio.all_tasks() == {asyncio.current_task()}
+        return rest, not server.tasks and gate.cancelled(), nothing_left
 
-    assert run(go(), timeout=15) == (b"", True)
+    assert run(go(), timeout=15) == (b"", True, True)
+
+
+def test_close_with_a_grace_gives_the_answers_in_progress_and_closes_their_connections() -> None:
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        entered.set()
+        await release.wait()
+        return json_response({"given": True})
+
+    async def go() -> tuple[int, dict[str, str], bytes, bytes, bytes]:
+        router = Router()
+        router.add("GET", "/slow", slow)
+        async with open_http_server(router) as server:
+            host, port = await server.listen("127.0.0.1", 0)
+            busy_reader, busy_writer = await asyncio.open_connection(host, port)
+            idle_reader, idle_writer = await asyncio.open_connection(host, port)
+            busy_writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await busy_writer.drain()
+            await entered.wait()
+            async with open_task_group() as group:
+                group.create_task(server.close(5))
+                idle_rest = await asyncio.wait_for(idle_reader.read(), 5)  # an idle connection is closed at once
+                release.set()
+                status, headers, body = await read_response(busy_reader)
+                busy_rest = await asyncio.wait_for(busy_reader.read(), 5)
+        busy_writer.close()
+        idle_writer.close()
+        return status, headers, body, busy_rest, idle_rest
+
+    status, headers, body, busy_rest, idle_rest = run(go(), timeout=15)
+    assert (status, headers["connection"], json.loads(body)) == (200, "close", {"given": True})
+    assert busy_rest == idle_rest == b""
+
+
+class _Transport:
+    """Enough of a transport to feed a connection by hand."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.written: list[bytes] = []
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written.extend(data)
+
+
+def test_a_request_arriving_after_close_closes_its_connection_and_starts_nothing() -> None:
+    async def go() -> tuple[bool, list[bytes], bool]:
+        router = Router()
+        router.add("GET", "/echo", echo)
+        async with open_http_server(router) as server:
+            await server.close()
+            transport = _Transport()
+            connection = httpserver._Connection(server)
+            connection.connection_made(transport)  # type: ignore[arg-type]
+            connection.data_received(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            started = bool(server.tasks)
+        return transport.closed, transport.written, started
+
+    assert run(go(), timeout=15) == (True, [], False)

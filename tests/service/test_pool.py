@@ -7,8 +7,9 @@ import asyncio
 import dataclasses
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -17,12 +18,15 @@ from botocore.exceptions import ClientError
 from lambdabox.core import facts as mark
 from lambdabox.core.batching import Backoff
 from lambdabox.core.model import LambdaFailure, Response
-from lambdabox.environment.opening import Options
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import TelemetryEvent
+from lambdabox.loop import open_task_group
 from lambdabox.observe.timeline import Timeline
 from lambdabox.service.pool import Capacity, Pool, Ran
 from server_support import Events, Served, serving, write_template
 from support import extension_script, make_function, run
+
+T = TypeVar("T")
 
 OCCUPY = """
 Busy:
@@ -95,16 +99,17 @@ def test_reserved_concurrency_throttles_with_lambdas_reason(tmp_path: Path) -> N
 
     async def main() -> None:
         async with serving(template) as served:
-            first = asyncio.create_task(invoke(served, "Busy", {"seconds": 2}))
-            await served.events.wait_for(started(1))
-            with pytest.raises(ClientError) as raised:
-                await invoke(served, "Busy", {"seconds": 0})
-            response = raised.value.response
-            assert response["Error"]["Code"] == "TooManyRequestsException"
-            assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
-            assert response["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
-            assert response["Error"]["Message"] == "Rate Exceeded."
-            await first
+            async with open_task_group() as group:
+                first = group.create_task(invoke(served, "Busy", {"seconds": 2}))
+                await served.events.wait_for(started(1))
+                with pytest.raises(ClientError) as raised:
+                    await invoke(served, "Busy", {"seconds": 0})
+                response = raised.value.response
+                assert response["Error"]["Code"] == "TooManyRequestsException"
+                assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
+                assert response["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
+                assert response["Error"]["Message"] == "Rate Exceeded."
+                await first
             assert (await invoke(served, "Busy", {"seconds": 0}))["others_in_tmp"] == []  # free again
 
     run(main())
@@ -115,12 +120,13 @@ def test_the_account_limit_throttles_across_functions(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with serving(template, max_concurrency=1) as served:
-            first = asyncio.create_task(invoke(served, "Busy", {"seconds": 2}))
-            await served.events.wait_for(started(1))
-            with pytest.raises(ClientError) as raised:
-                await invoke(served, "Other", {"seconds": 0})
-            assert raised.value.response["Reason"] == "ConcurrentInvocationLimitExceeded"
-            await first
+            async with open_task_group() as group:
+                first = group.create_task(invoke(served, "Busy", {"seconds": 2}))
+                await served.events.wait_for(started(1))
+                with pytest.raises(ClientError) as raised:
+                    await invoke(served, "Other", {"seconds": 0})
+                assert raised.value.response["Reason"] == "ConcurrentInvocationLimitExceeded"
+                await first
             await invoke(served, "Other", {"seconds": 0})
 
     run(main())
@@ -249,6 +255,16 @@ async def run_once(pool: Pool, event: Any) -> Ran:
     return await pool.run(json.dumps(event).encode(), request_id=str(uuid.uuid4()))
 
 
+def run_owned(main: Callable[[asyncio.TaskGroup], Awaitable[T]]) -> T:
+    """Run ``main`` with a task group to own the pool it makes."""
+
+    async def owned() -> T:
+        async with open_task_group() as group:
+            return await main(group)
+
+    return run(owned())
+
+
 def nothing_left_running() -> None:
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert psutil.Process().children(recursive=True) == []
@@ -257,9 +273,9 @@ def nothing_left_running() -> None:
 def test_a_provisioned_environment_that_crashes_is_replaced_initialised_ahead(tmp_path: Path) -> None:
     config = dataclasses.replace(make_function(tmp_path, "handler.tmp_write"), provisioned_concurrency=2)
 
-    async def main() -> None:
+    async def main(group: asyncio.TaskGroup) -> None:
         events, problems = Events(), Problems()
-        pool = Pool(config, Capacity(10), observers=[events], on_problem=problems)
+        pool = Pool(config, Capacity(10), group, observers=[events], on_problem=problems)
         try:
             await pool.start()
             assert pool.provisioned_idle == 2 and problems.seen == []
@@ -285,16 +301,16 @@ def test_a_provisioned_environment_that_crashes_is_replaced_initialised_ahead(tm
             await pool.close()
         nothing_left_running()
 
-    run(main())
+    run_owned(main)
 
 
 def test_an_idle_provisioned_environment_whose_runtime_dies_is_replaced(tmp_path: Path) -> None:
     config = dataclasses.replace(make_function(tmp_path, "handler.ok"), provisioned_concurrency=1)
 
-    async def main() -> None:
+    async def main(group: asyncio.TaskGroup) -> None:
         events, problems = Events(), Problems()
         unfrozen = Options(freeze=False)  # a frozen process cannot die between invokes (cgroup v1 holds SIGKILL)
-        pool = Pool(config, Capacity(10), options=unfrozen, observers=[events], on_problem=problems)
+        pool = Pool(config, Capacity(10), group, options=unfrozen, observers=[events], on_problem=problems)
         try:
             await pool.start()
             processes = psutil.Process().children(recursive=True)
@@ -316,16 +332,16 @@ def test_an_idle_provisioned_environment_whose_runtime_dies_is_replaced(tmp_path
             await pool.close()
         nothing_left_running()
 
-    run(main())
+    run_owned(main)
 
 
 def test_a_provisioned_function_whose_init_always_fails_retries_with_backoff(tmp_path: Path) -> None:
     config = dataclasses.replace(make_function(tmp_path, "init_error.handler"), provisioned_concurrency=1)
     backoff = Backoff(first_s=0.05, cap_s=0.2)
 
-    async def main() -> None:
+    async def main(group: asyncio.TaskGroup) -> None:
         events, problems = Events(), Problems()
-        pool = Pool(config, Capacity(10), observers=[events], on_problem=problems, provisioned_backoff=backoff)
+        pool = Pool(config, Capacity(10), group, observers=[events], on_problem=problems, provisioned_backoff=backoff)
         try:
             await pool.start()  # returns once the first attempt has failed
             assert len(problems.seen) == 1
@@ -347,16 +363,16 @@ def test_a_provisioned_function_whose_init_always_fails_retries_with_backoff(tmp
         assert {a["initializationType"] for a in attempts} == {"provisioned-concurrency"}
         assert len(problems.seen) <= len(attempts) <= len(problems.seen) + 1  # each failure reported; one at a time
 
-    run(main())
+    run_owned(main)
 
 
 def test_close_cancels_a_replacement_that_is_not_due_yet(tmp_path: Path) -> None:
     config = dataclasses.replace(make_function(tmp_path, "init_error.handler"), provisioned_concurrency=1)
 
-    async def main() -> None:
+    async def main(group: asyncio.TaskGroup) -> None:
         events, problems = Events(), Problems()
         not_soon = Backoff(first_s=600, cap_s=600)
-        pool = Pool(config, Capacity(10), observers=[events], on_problem=problems, provisioned_backoff=not_soon)
+        pool = Pool(config, Capacity(10), group, observers=[events], on_problem=problems, provisioned_backoff=not_soon)
         await pool.start()
         assert problems.texts == [
             "lambdabox: Fn: a provisioned environment did not start: Init failed: RuntimeError; another starts in 600 s"
@@ -366,7 +382,7 @@ def test_close_cancels_a_replacement_that_is_not_due_yet(tmp_path: Path) -> None
         nothing_left_running()
         assert events.count("platform.initStart") == 1 and len(problems.seen) == 1
 
-    run(main())
+    run_owned(main)
 
 
 def test_each_environment_gets_observers_of_its_own(tmp_path: Path) -> None:
@@ -377,14 +393,14 @@ def test_each_environment_gets_observers_of_its_own(tmp_path: Path) -> None:
         timelines.append(Timeline(f"environment {len(timelines) + 1}"))
         return [timelines[-1]]
 
-    async def main() -> list[Ran]:
-        pool = Pool(config, Capacity(10), environment_observers=own)
+    async def main(group: asyncio.TaskGroup) -> list[Ran]:
+        pool = Pool(config, Capacity(10), group, environment_observers=own)
         try:
             return list(await asyncio.gather(run_once(pool, {"seconds": 0.5}), run_once(pool, {"seconds": 0.5})))
         finally:
             await pool.close()
 
-    ran = run(main())
+    ran = run_owned(main)
     assert len(timelines) == 2  # two invokes at once: two environments, a timeline each
     seen = []
     for timeline in timelines:

@@ -118,7 +118,7 @@ def test_the_aws_cli_and_boto3_then_sigterm_lets_the_invoke_finish_and_shuts_dow
         slow.start()
         err.wait_for("occupying ")  # the invoke is in flight
         os.kill(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=WAIT_S) == 0
+        assert process.wait(timeout=WAIT_S) == 0, "\n".join(err.rest())
         slow.join(timeout=WAIT_S)
         assert answers and answers[0]["StatusCode"] == 200 and "FunctionError" not in answers[0]
         assert json.loads(answers[0]["Payload"].read())["others_in_tmp"] == []

@@ -1,8 +1,9 @@
 """A lean HTTP/1.1 server for every API lambdabox serves: the Invoke API, and the Runtime, Extensions, Logs and
 Telemetry APIs of each environment. Routing on method and path, keep-alive, ``Expect: 100-continue``, sized or
-chunked bodies (parsed by httptools), requests on one connection answered in order, bodies bounded, a graceful
-close. Three exchanges are on every invoke's critical path, so it does only what these APIs need; an ApiError a
-handler raises becomes the Runtime API's error response (the Invoke API renders its own).
+chunked bodies (parsed by httptools), requests on one connection answered in order (by a task of the server's task
+group), bodies bounded, a graceful close. Three exchanges are on every invoke's critical path, so it does only what
+these APIs need; an ApiError a handler raises becomes the Runtime API's error response (the Invoke API renders its
+own).
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import http
 import json
 import re
 import socket
+import sys
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
 import httptools
 
-from lambdabox.core.errors import ApiError
+from lambdabox.core.errors import ApiError, ErrorType, error_body
+from lambdabox.loop import open_task_group
 
 MAX_BODY_BYTES = 12 * 1024 * 1024
 """Body bytes kept per request; beyond it the rest is read and dropped, and the request is marked ``oversize``."""
@@ -61,13 +64,13 @@ def json_response(data: object, status: int = 200, headers: Mapping[str, str] | 
 
 
 def error_response(error: ApiError) -> Response:
-    return json_response({"errorMessage": error.message, "errorType": error.error_type}, error.status)
+    return Response(error.status, error.body())
 
 
-def read_json(request: Request, error_type: str) -> object:
+def read_json(request: Request, error_type: ErrorType) -> object:
     """The request body as JSON, or ApiError 400 with ``error_type``; an empty body is ``{}``."""
     if request.oversize:
-        raise ApiError(413, "RequestEntityTooLarge", f"request body over {MAX_BODY_BYTES} bytes")
+        raise ApiError(413, ErrorType.REQUEST_ENTITY_TOO_LARGE, f"request body over {MAX_BODY_BYTES} bytes")
     if not request.body.strip():
         return {}
     try:
@@ -151,6 +154,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # a stream's (uvloop's is no subclass)
         self._server.connections.add(self)
+        if self._server.closing:  # accepted as the server began to close: idle, so closed as the idle ones were
+            self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
@@ -202,27 +207,29 @@ class _Connection(asyncio.Protocol):
         request = Request(method, path, self._headers, b"".join(self._body), oversize, query_string=query)
         self._queue.append((request, self._parser.should_keep_alive()))
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._serve())
-            self._server.tasks.add(self._task)
-            self._task.add_done_callback(self._server.tasks.discard)
+            self._task = self._server.start_answering(self)
 
     # ---- answering --------------------------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    async def serve(self) -> None:
+        """Answer the queued requests, one after another; never raises (a task of the server's group)."""
         try:
             while self._queue:
                 request, keep_alive = self._queue.popleft()
                 try:
                     response = await _answer(self._server.router, request)
                 except Exception as error:  # a handler's bug: answered, not left hanging
-                    response = json_response({"errorMessage": repr(error), "errorType": "ServiceException"}, 500)
-                if self._transport is None:
+                    response = Response(500, error_body(ErrorType.SERVICE, repr(error)))
+                if self._transport is None or self._transport.is_closing():
                     return
                 keep_alive = keep_alive and not self._server.closing
                 self._transport.writelines([_encode(response, keep_alive), response.body])
                 if not keep_alive:
                     self._transport.close()
                     return
+        except Exception as error:  # lambdabox's bug: this connection ends, the others are served on
+            print(f"lambdabox: the HTTP server failed to answer: {error!r}", file=sys.stderr, flush=True)
+            self.close()
         finally:
             self._task = None
 
@@ -238,13 +245,16 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpServer:
-    """Serves ``router`` on any number of listening sockets until ``close``."""
+    """Serves ``router`` on any number of listening sockets until ``close``; each connection's answers are a task of
+    ``group``. Use :func:`open_http_server`, which owns the group."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, group: asyncio.TaskGroup) -> None:
         self.router = router
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # answers in progress (some may outlive their connection)
-        self.closing = False
+        self.closing = False  # no new connections; each answer in progress closes its connection once given
+        self.closed = False  # nothing more is answered: a request arriving now closes its connection
+        self._group = group
         self._servers: list[asyncio.Server] = []
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -259,6 +269,16 @@ class HttpServer:
         server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), sock=listener)
         self._servers.append(server)
 
+    def start_answering(self, connection: _Connection) -> asyncio.Task[None] | None:
+        """A task of the group answering ``connection``'s requests; none once closed (the connection is closed)."""
+        if self.closed:
+            connection.close()
+            return None
+        task = self._group.create_task(connection.serve())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop listening and close the idle connections; let the answers in progress be given (each then closes
         its connection) for up to ``grace_s``; then cancel what is left and close every connection."""
@@ -269,6 +289,7 @@ class HttpServer:
             connection.close()
         if self.tasks and grace_s > 0:
             await asyncio.wait(set(self.tasks), timeout=grace_s)
+        self.closed = True
         for connection in list(self.connections):
             connection.close()
         for task in list(self.tasks):
@@ -279,3 +300,16 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+
+
+@contextlib.asynccontextmanager
+async def open_http_server(router: Router) -> AsyncIterator[HttpServer]:
+    """An :class:`HttpServer` for ``router``, listening nowhere yet, owning a task group for its answers; on exit,
+    ``close()`` (no grace) unless closed already, and nothing it started is left running."""
+    async with open_task_group() as group:
+        server = HttpServer(router, group)
+        try:
+            yield server
+        finally:
+            if not server.closed:
+                await server.close()

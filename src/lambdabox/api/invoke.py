@@ -11,11 +11,11 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Protocol
 
 from lambdabox.api.httpserver import Request, Router, json_response
 from lambdabox.api.httpserver import Response as HttpResponse
-from lambdabox.core.errors import ApiError, LambdaboxError
+from lambdabox.api.ports import Answer, Invoker
+from lambdabox.core.errors import ApiError, ErrorType, LambdaboxError, Throttled, error_body
 from lambdabox.core.model import (
     DEFAULT_ACCOUNT_ID,
     DEFAULT_REGION,
@@ -23,7 +23,6 @@ from lambdabox.core.model import (
     FunctionConfig,
     FunctionFailure,
     LambdaFailure,
-    Outcome,
     Response,
 )
 
@@ -41,15 +40,6 @@ _FUNCTION_NAME = re.compile(
     r"(?P<name>[a-zA-Z0-9_.-]+)(?::(?P<qualifier>\$LATEST|[a-zA-Z0-9_-]+))?"
 )
 _VERSION = re.compile(r"\d+")
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A synchronous invoke's outcome, and the base64 tail of its log when it was asked for."""
-
-    request_id: str
-    outcome: Outcome
-    log_result: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,24 +64,6 @@ def function_name(text: str) -> FunctionName | None:
     if match is None:
         return None
     return FunctionName(match["name"], match["qualifier"], match["region"], match["account"])
-
-
-class Invoker(Protocol):
-    """What the Invoke API needs from the server behind it."""
-
-    def function(self, name: str) -> FunctionConfig | None:
-        """The function with this logical id or FunctionName (``function`` for a single-function template)."""
-
-    async def invoke(
-        self, config: FunctionConfig, payload: bytes, *, client_context: str | None, invoked_arn: str, tail: bool
-    ) -> Answer:
-        """Invoke synchronously; returns as soon as the outcome is known (with ``tail``: once the invoke is over)."""
-
-    def enqueue(self, config: FunctionConfig, payload: bytes) -> str:
-        """Queue an asynchronous invoke; returns its request id."""
-
-    def report(self, text: str) -> None:
-        """Tell the operator about a problem that the caller only sees as a ServiceException."""
 
 
 @dataclass(frozen=True)
@@ -123,18 +95,18 @@ def validate(request: Request, invoker: Invoker) -> Call:
     text = request.params["name"]
     parsed = function_name(text)
     if parsed is None:
-        raise ApiError(400, "ValidationException", f"1 validation error detected: Value '{text}' at 'functionName' "
+        raise ApiError(400, ErrorType.VALIDATION, f"1 validation error detected: Value '{text}' at 'functionName' "
                        "failed to satisfy constraint: Member must satisfy the function name pattern")  # fmt: skip
     qualifier = parsed.qualifier
     if (query := request.query.get("Qualifier")) is not None:
         if qualifier is not None and query != qualifier:
             message = "The derived qualifier from the function name does not match the specified qualifier."
-            raise ApiError(400, "InvalidParameterValueException", message)
+            raise ApiError(400, ErrorType.INVALID_PARAMETER_VALUE, message)
         qualifier = query
     config = invoker.function(parsed.name)
     suffix = f":{qualifier}" if qualifier else ""
     if config is None or not parsed.matches(config) or (qualifier is not None and not _alias_or_latest(qualifier)):
-        raise ApiError(404, "ResourceNotFoundException", f"Function not found: {parsed.arn()}{suffix}")
+        raise ApiError(404, ErrorType.RESOURCE_NOT_FOUND, f"Function not found: {parsed.arn()}{suffix}")
     kind = request.header("X-Amz-Invocation-Type") or "RequestResponse"
     if kind not in INVOCATION_TYPES:
         raise _invalid("X-Amz-Invocation-Type", kind, INVOCATION_TYPES)
@@ -152,14 +124,14 @@ def client_context(header: str | None) -> str | None:
         return None
     if len(header) > CLIENT_CONTEXT_LIMIT:
         message = f"Client context must be at most {CLIENT_CONTEXT_LIMIT} bytes of base64-encoded data."
-        raise ApiError(400, "InvalidParameterValueException", message)
+        raise ApiError(400, ErrorType.INVALID_PARAMETER_VALUE, message)
     try:
         value = json.loads(base64.b64decode(header, validate=True))
     except (binascii.Error, ValueError):
         value = None
     if not isinstance(value, dict):
         message = "Client context must be a valid Base64-encoded JSON object."
-        raise ApiError(400, "InvalidRequestContentException", message)
+        raise ApiError(400, ErrorType.INVALID_REQUEST_CONTENT, message)
     return json.dumps(value, separators=(",", ":"))
 
 
@@ -168,15 +140,14 @@ def read_payload(request: Request, limit: int) -> bytes:
     body = request.body
     if request.oversize or len(body) > limit:
         message = f"Request must be smaller than {limit} bytes for the Invoke operation"
-        raise ApiError(413, "RequestTooLargeException", message)
+        raise ApiError(413, ErrorType.REQUEST_TOO_LARGE, message)
     if not body.strip():
         return b"{}"
     try:
         json.loads(body)
     except ValueError as error:
-        raise ApiError(
-            400, "InvalidRequestContentException", f"Could not parse request body into json: {error}"
-        ) from None
+        message = f"Could not parse request body into json: {error}"
+        raise ApiError(400, ErrorType.INVALID_REQUEST_CONTENT, message) from None
     return body
 
 
@@ -192,14 +163,14 @@ def render_answer(answer: Answer) -> HttpResponse:
             return HttpResponse(200, body, headers)
         case LambdaFailure(error_type=error_type, message=message):
             headers["X-Amz-Function-Error"] = "Unhandled"
-            return json_response({"errorType": error_type, "errorMessage": message}, headers=headers)
+            return HttpResponse(200, error_body(error_type, message), headers)
 
 
 def service_error(error: ApiError) -> HttpResponse:
     """A refusal as the SDKs parse it: the type in ``x-amzn-ErrorType``, ``{"Type", "message"[, "Reason"]}``."""
     body = {"Type": "Service" if error.status >= 500 else "User", "message": error.message}
-    if (reason := getattr(error, "reason", None)) is not None:
-        body["Reason"] = reason
+    if isinstance(error, Throttled):
+        body["Reason"] = error.reason
     headers = {"x-amzn-ErrorType": error.error_type, REQUEST_ID: str(uuid.uuid4())}
     return json_response(body, error.status, headers)
 
@@ -211,10 +182,10 @@ async def answer(invoker: Invoker, request: Request) -> HttpResponse:
     except ApiError as error:
         return service_error(error)
     except LambdaboxError as error:  # e.g. a layer refused when an environment starts (the pool reported it)
-        return service_error(ApiError(500, "ServiceException", str(error)))
+        return service_error(ApiError(500, ErrorType.SERVICE, str(error)))
     except Exception as error:
         invoker.report(f"lambdabox: the Invoke API failed: {error!r}")
-        return service_error(ApiError(500, "ServiceException", f"lambdabox failed: {error!r}"))
+        return service_error(ApiError(500, ErrorType.SERVICE, f"lambdabox failed: {error!r}"))
 
 
 def add_routes(router: Router, invoker: Invoker) -> None:
@@ -228,4 +199,4 @@ def _alias_or_latest(qualifier: str) -> bool:
 
 def _invalid(header: str, value: str, allowed: tuple[str, ...]) -> ApiError:
     message = f"{header}: {value!r} is not one of {', '.join(allowed)}"
-    return ApiError(400, "InvalidParameterValueException", message)
+    return ApiError(400, ErrorType.INVALID_PARAMETER_VALUE, message)

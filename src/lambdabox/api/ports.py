@@ -1,13 +1,14 @@
 """What the HTTP adapters need from what serves them: the in-environment APIs (Runtime, Extensions, Logs, Telemetry)
 from the environment (:class:`EnvironmentPort`): submit a fact, await an event; the Invoke API from the server
-(:class:`lambdabox.api.invoke.Invoker`)."""
+(:class:`Invoker`): find a function, invoke it or queue the invoke."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lambdabox.core.facts import ExtensionRequestedNext, Fact, Invoke, RuntimeRequestedNext
-from lambdabox.core.model import FunctionConfig
+from lambdabox.core.model import FunctionConfig, Outcome
 
 
 class EnvironmentPort(Protocol):
@@ -24,3 +25,30 @@ class EnvironmentPort(Protocol):
 
     async def extension_next(self, fact: ExtensionRequestedNext) -> dict[str, Any]:
         """Submit an extension's /event/next and wait for its event."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A synchronous invoke's outcome, and the base64 tail of its log when it was asked for."""
+
+    request_id: str
+    outcome: Outcome
+    log_result: str | None = None
+
+
+class Invoker(Protocol):
+    """What the Invoke API needs from the server behind it."""
+
+    def function(self, name: str) -> FunctionConfig | None:
+        """The function with this logical id or FunctionName (``function`` for a single-function template)."""
+
+    async def invoke(
+        self, config: FunctionConfig, payload: bytes, *, client_context: str | None, invoked_arn: str, tail: bool
+    ) -> Answer:
+        """Invoke synchronously; returns as soon as the outcome is known (with ``tail``: once the invoke is over)."""
+
+    def enqueue(self, config: FunctionConfig, payload: bytes) -> str:
+        """Queue an asynchronous invoke; returns its request id."""
+
+    def report(self, text: str) -> None:
+        """Tell the operator about a problem that the caller only sees as a ServiceException."""

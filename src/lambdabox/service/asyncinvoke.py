@@ -1,5 +1,6 @@
 """Asynchronous (``Event``) invokes: a queue per function drained as its concurrency allows, Lambda's retries and
-maximum event age, and the invocation records sent to the OnSuccess and OnFailure destinations.
+maximum event age, and the invocation records sent to the OnSuccess and OnFailure destinations. The dispatcher and
+the attempts are tasks of the group the queue is given.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from lambdabox.core.errors import ErrorType, error_body
 from lambdabox.core.model import LATEST, FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
 from lambdabox.service.pool import Pool
 
@@ -45,9 +47,18 @@ class Tally:
 
 
 class EventQueue:
-    """One function's asynchronous invokes, from ``put`` to a destination record (or a discard)."""
+    """One function's asynchronous invokes, from ``put`` to a destination record (or a discard). Its tasks never
+    raise: what goes wrong is told to ``log``."""
 
-    def __init__(self, pool: Pool, deliver: Deliver, *, time_scale: float = 1.0, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        deliver: Deliver,
+        group: asyncio.TaskGroup,
+        *,
+        time_scale: float = 1.0,
+        log: Callable[[str], None],
+    ) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale must be above 0 (an event of age 0 would be too old), not {time_scale}")
         self.pool = pool
@@ -63,7 +74,8 @@ class EventQueue:
         self._settled.set()
         self._pending = 0
         self._closed = False
-        self._dispatcher = asyncio.create_task(self._dispatch())
+        self._group = group
+        self._dispatcher = group.create_task(self._dispatch())
 
     def put(self, payload: bytes) -> str:
         """Queue an event (Lambda has answered 202 by then); returns its request id."""
@@ -107,33 +119,45 @@ class EventQueue:
     # ---- the queue --------------------------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        settings = self.config.event_invoke
-        while True:
-            event = await self._queue.get()
-            remaining = settings.maximum_event_age_s * self.time_scale - (time.monotonic() - event.received)
-            if remaining <= 0:
-                self._finish(event, EVENT_AGE_EXCEEDED)
-                continue
-            if self.config.reserved_concurrency == 0:  # Lambda sends such events to OnFailure, without retries
-                self._finish(event, RETRIES_EXHAUSTED)
-                continue
-            try:
-                await self.pool.reserve_waiting(remaining)  # Lambda retries throttles until the event is too old
-            except TimeoutError:
-                self._finish(event, EVENT_AGE_EXCEEDED)
-                continue
-            task = asyncio.create_task(self._attempt(event))
-            self._attempts.add(task)
-            task.add_done_callback(self._attempts.discard)
+        try:
+            while True:
+                await self._start(await self._queue.get())
+        except Exception as error:  # e.g. the pool closed under it: the events left are counted as not run
+            self._closed = True
+            self.log(f"lambdabox: {self.config.logical_id}: the queue of asynchronous invokes stopped: {error!r}")
+
+    async def _start(self, event: _Event) -> None:
+        """Start an attempt for ``event`` once a unit of concurrency is free, or finish it (too old, or throttled)."""
+        remaining = self.config.event_invoke.maximum_event_age_s * self.time_scale - (time.monotonic() - event.received)
+        if remaining <= 0:
+            self._finish(event, EVENT_AGE_EXCEEDED)
+            return
+        if self.config.reserved_concurrency == 0:  # Lambda sends such events to OnFailure, without retries
+            self._finish(event, RETRIES_EXHAUSTED)
+            return
+        try:
+            await self.pool.reserve_waiting(remaining)  # Lambda retries throttles until the event is too old
+        except TimeoutError:
+            self._finish(event, EVENT_AGE_EXCEEDED)
+            return
+        task = self._group.create_task(self._attempt(event))
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
 
     async def _attempt(self, event: _Event) -> None:
+        try:
+            await self._run(event)
+        except Exception as error:  # lambdabox's bug (or a destination's): told, never raised into the group
+            self.log(f"lambdabox: {self.config.logical_id}: event {event.request_id}: {error!r}")
+
+    async def _run(self, event: _Event) -> None:
         event.attempts += 1
         self.tally.attempts += 1
         try:
             ran = await self.pool.run(event.payload, request_id=event.request_id, invoked_function_arn=self.config.arn)
             event.last = ran.result.outcome
         except Exception as error:  # the environment could not run it: a Lambda error, retried like one
-            event.last = LambdaFailure("ServiceException", f"lambdabox could not run the invoke: {error!r}")
+            event.last = LambdaFailure(ErrorType.SERVICE, f"lambdabox could not run the invoke: {error!r}")
         if isinstance(event.last, Response):
             self._finish(event, SUCCESS)
         elif event.attempts > self.config.event_invoke.maximum_retry_attempts:
@@ -189,7 +213,7 @@ def invocation_record(config: FunctionConfig, event: _Event, condition: str) -> 
                 payload = _json_or_text(body)
             case LambdaFailure(error_type=error_type, message=message):
                 context["functionError"] = "Unhandled"
-                payload = {"errorType": error_type, "errorMessage": message}
+                payload = json.loads(error_body(error_type, message))
         record["responseContext"] = context
         record["responsePayload"] = payload
     return record

@@ -1,6 +1,6 @@
 """A function's execution environments: warm reuse (the most recent first), Lambda's concurrency limits, keep-alive
-and provisioned concurrency (its count held by replacements). Every environment and background task is owned by its
-pool; on close the tasks are cancelled and the environments shut down (SHUTDOWN ``spindown``).
+and provisioned concurrency (its count held by replacements). Its environments and tasks belong to the task group it
+is given; on close every environment is shut down (SHUTDOWN ``spindown``).
 """
 
 from __future__ import annotations
@@ -8,41 +8,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import os
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from lambdabox.core import facts as mark
 from lambdabox.core.batching import Backoff
-from lambdabox.core.errors import ApiError
+from lambdabox.core.errors import ApiError, ErrorType, Throttled, ThrottleReason
 from lambdabox.core.model import FunctionConfig, Outcome
 from lambdabox.core.provisioning import REPLACEMENT_BACKOFF, Provisioning, Replace
-from lambdabox.core.state import INIT_TIMEOUT_S
-from lambdabox.environment.opening import Options
-from lambdabox.environment.report import InvokeResult, Observer, TelemetryEvent
-from lambdabox.environment.runner import SHUTDOWN_SLACK_S, Environment
-from lambdabox.observe.console import format_event
-from lambdabox.observe.logstore import LogStore, open_logged_environment
+from lambdabox.core.state import INIT_TIMEOUT_S, SLACK_S
+from lambdabox.environment.options import Options
+from lambdabox.environment.report import InvokeResult, Observer
+from lambdabox.loop import open_task_group
+from lambdabox.observe.logstore import LogStore
+from lambdabox.service.slot import PROVISIONED, Slot
 
 DEFAULT_KEEP_ALIVE_S = 300.0
-TAIL_BYTES = 4096
-PROVISIONED = "provisioned-concurrency"
 
 
 def default_max_concurrency() -> int:
     """Ten concurrent executions per core: most functions under test wait on I/O, and a warm Python environment
     costs tens of MB, so this keeps a laptop responsive; beyond it a clear 429 beats a swapping machine."""
     return 10 * (os.cpu_count() or 1)
-
-
-class Throttled(ApiError):
-    """No execution environment may be started for this invoke: Lambda's 429 with its ``Reason``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(429, "TooManyRequestsException", "Rate Exceeded.")
-        self.reason = reason
 
 
 class Capacity:
@@ -55,7 +43,7 @@ class Capacity:
 
     def take(self) -> None:
         if self.in_use >= self.limit:
-            raise Throttled("ConcurrentInvocationLimitExceeded")
+            raise Throttled(ThrottleReason.ACCOUNT)
         self.in_use += 1
 
     def give_back(self) -> None:
@@ -83,110 +71,16 @@ class Ran:
         return base64.b64encode(self.log_tail).decode()
 
 
-class _Watch:
-    """Observes one environment: the log lines of the invoke in progress (the last 4 KB), whether it is initialised,
-    and the last failure seen (why an Init failed, or why the environment was reset, which loses its Init)."""
-
-    def __init__(self, on_reset: Callable[[], None]) -> None:
-        self.lines: deque[bytes] = deque()
-        self.size = 0
-        self.init_ended = asyncio.Event()  # the first Init succeeded, failed, or was cut short by a reset
-        self.initialized = False  # an Init succeeded and no reset followed
-        self.inits = 0  # successful Inits
-        self.failure: str | None = None
-        self._on_reset = on_reset
-
-    def __call__(self, event: TelemetryEvent) -> None:
-        record: Any = event.record
-        match event.type:
-            case "platform.start":
-                self.lines.clear()
-                self.size = 0
-            case "platform.initReport":
-                self.initialized = record.get("status") == "success"
-                if self.initialized:
-                    self.inits += 1
-                else:
-                    self.failure = f"Init failed: {record.get('errorType')}"
-                self.init_ended.set()
-            case mark.INVOKE_END if record.get("status") != "success":
-                self.failure = str(record.get("errorType"))
-            case mark.PROCESS_EXIT:
-                self.failure = f"{record.get('name', 'the runtime')} exited: {record.get('description')}"
-            case mark.SHUTDOWN_START if record.get("reset"):
-                self.initialized = False
-                self.failure = self.failure or f"reset ({record.get('reason')})"
-                self.init_ended.set()
-                self._on_reset()
-        line = format_event(event)
-        if line is None:
-            return
-        data = (line + "\n").encode()
-        self.lines.append(data)
-        self.size += len(data)
-        while self.size - len(self.lines[0]) >= TAIL_BYTES:
-            self.size -= len(self.lines.popleft())
-
-    def tail(self) -> bytes:
-        return b"".join(self.lines)[-TAIL_BYTES:]
-
-
-class _Slot:
-    """One environment, opened and closed by a task of its own (so that no caller's cancellation tears it)."""
-
-    def __init__(
-        self,
-        config: FunctionConfig,
-        options: Options,
-        observers: list[Observer],
-        log_store: LogStore | None = None,
-        on_reset: Callable[[_Slot], None] = lambda slot: None,
-    ) -> None:
-        self.log_store = log_store
-        self.provisioned = options.initialization_type == PROVISIONED
-        self.watch = _Watch(lambda: on_reset(self))
-        self.expiry: asyncio.TimerHandle | None = None
-        self._env: asyncio.Future[Environment] = asyncio.get_running_loop().create_future()
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._own(config, options, [self.watch, *observers]))
-
-    async def _own(self, config: FunctionConfig, options: Options, observers: list[Observer]) -> BaseException | None:
-        try:
-            async with open_logged_environment(config, options, observers, self.log_store) as env:
-                self._env.set_result(env)
-                await self._stop.wait()
-        except Exception as error:
-            if not self._env.done():  # it never opened: the invoke that needed it reports the error
-                self._env.set_exception(error)
-                return None
-            return error
-        return None
-
-    async def environment(self) -> Environment:
-        return await asyncio.shield(self._env)
-
-    def cancel_expiry(self) -> None:
-        if self.expiry is not None:
-            self.expiry.cancel()
-            self.expiry = None
-
-    async def close(self) -> BaseException | None:
-        """Shut the environment down as Lambda does and wait (bounded by the environment's own deadlines)."""
-        self.cancel_expiry()
-        self._stop.set()
-        error = await self._task
-        if self._env.done() and not self._env.cancelled():
-            self._env.exception()  # retrieved: an opening failure was reported to the invoke that needed it
-        return error
-
-
 class Pool:
-    """The environments of one function. ``reserve`` (or ``reserve_waiting``) a unit of concurrency, then ``run``."""
+    """The environments of one function. ``reserve`` (or ``reserve_waiting``) a unit of concurrency, then ``run``.
+    Its tasks (each environment's, the closings, the provisioned replacements) belong to ``group`` and never raise:
+    what goes wrong is told to ``on_problem`` (which must not raise)."""
 
     def __init__(
         self,
         config: FunctionConfig,
         capacity: Capacity,
+        group: asyncio.TaskGroup,
         *,
         options: Options | None = None,
         keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
@@ -205,9 +99,10 @@ class Pool:
         self.environment_observers = environment_observers  # called for each new environment: observers of its own
         self.on_problem = on_problem
         self.busy = 0
-        self._idle: list[_Slot] = []  # the most recently used last
-        self._slots: set[_Slot] = set()
-        self._closing: set[asyncio.Task[BaseException | None]] = set()
+        self._group = group
+        self._idle: list[Slot] = []  # the most recently used last
+        self._slots: set[Slot] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self._quiet: list[asyncio.Future[None]] = []  # waiters for the moment no invoke is in flight
         self._provisioning = Provisioning(provisioned_backoff)
@@ -225,12 +120,14 @@ class Pool:
     @property
     def provisioned_idle(self) -> int:
         """Provisioned environments initialised and idle."""
-        return sum(1 for slot in self._idle if slot.provisioned and slot.watch.initialized)
+        return sum(1 for slot in self._idle if slot.provisioned and slot.initialized)
 
     async def start(self) -> None:
         """Start the provisioned environments and wait (bounded by Init's limit) until each has initialised or failed
         (one that failed is replaced in the background)."""
-        await asyncio.gather(*(self._provision() for _ in range(self.config.provisioned_concurrency or 0)))
+        async with open_task_group() as starting:
+            for _ in range(self.config.provisioned_concurrency or 0):
+                starting.create_task(self._guarded("starting a provisioned environment", self._provision))
 
     async def wait_provisioned(self) -> None:
         """Wait until every provisioned environment is initialised and idle, with no replacement under way."""
@@ -241,10 +138,10 @@ class Pool:
     def reserve(self) -> None:
         """Take a unit of concurrency for one invoke, or raise Throttled (429) as Lambda does."""
         if self._closed:
-            raise ApiError(500, "ServiceException", "lambdabox is shutting down")
+            raise ApiError(500, ErrorType.SERVICE, "lambdabox is shutting down")
         limit = self.config.reserved_concurrency
         if limit is not None and self.busy >= limit:
-            raise Throttled("ReservedFunctionConcurrentInvocationLimitExceeded")
+            raise Throttled(ThrottleReason.RESERVED)
         self.capacity.take()
         self.busy += 1
 
@@ -291,7 +188,7 @@ class Pool:
     ) -> Ran:
         """Invoke on a unit reserved before (given back here whatever happens), in the warm environment used most
         recently (provisioned ones first) or a new one; returns when the invoke phase is over."""
-        slot: _Slot | None = None
+        slot: Slot | None = None
         try:
             slot = self._take_idle()
             fresh = slot is None
@@ -310,7 +207,7 @@ class Pool:
                 request_id=request_id,
                 on_outcome=on_outcome,
             )
-            return Ran(result, slot.watch.tail())
+            return Ran(result, slot.log.tail())
         except BaseException as error:
             if slot is not None:  # its state is unknown: no other invoke gets it
                 self._discard(slot, f"its invoke failed: {error!r}")
@@ -322,7 +219,7 @@ class Pool:
                 self._park(slot)
             self._notify_if_quiet()
 
-    def _take_idle(self) -> _Slot | None:
+    def _take_idle(self) -> Slot | None:
         if not self._idle:
             return None
         provisioned = [i for i, slot in enumerate(self._idle) if slot.provisioned]
@@ -330,11 +227,18 @@ class Pool:
         slot.cancel_expiry()
         return slot
 
-    def _new_slot(self, options: Options) -> _Slot:
+    def _new_slot(self, options: Options) -> Slot:
         observers = [*self.observers, *self.environment_observers()]
-        slot = _Slot(self.config, options, observers, self.log_store, self._reset)
+        slot = Slot(self._group, self.config, options, observers, self.log_store, self._reset)
         self._slots.add(slot)
         return slot
+
+    async def _guarded(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
+        """``work()``, as a task of the group must be: what it raises is told to ``on_problem``, not to the group."""
+        try:
+            await work()
+        except Exception as error:
+            self.on_problem(f"lambdabox: {self.config.logical_id}: {what}: {error!r}")
 
     async def _provision(self, at: float | None = None) -> None:
         """Start a provisioned environment (at ``at`` on the loop's clock), run its Init and park it; or discard it,
@@ -349,30 +253,29 @@ class Pool:
         else:
             self._discard(slot, failure)
 
-    async def _initialize(self, slot: _Slot) -> str | None:
+    async def _initialize(self, slot: Slot) -> str | None:
         """Run Init ahead of any invoke (bounded by Init's limit): None once it succeeded, else why it did not."""
-        limit_s = INIT_TIMEOUT_S + SHUTDOWN_SLACK_S
+        limit_s = INIT_TIMEOUT_S + SLACK_S
         try:
             env = await slot.environment()
-            await env.initialize()
             async with asyncio.timeout(limit_s):
-                await slot.watch.init_ended.wait()
+                initialized = await env.initialize()
         except TimeoutError:
             return f"Init did not end within {limit_s:g} s"
         except Exception as error:
             return repr(error)
-        return None if slot.watch.initialized else slot.watch.failure
+        return None if initialized else env.failure or "Init failed"
 
-    def _reset(self, slot: _Slot) -> None:
+    def _reset(self, slot: Slot) -> None:
         """The environment lost its Init (a crash, a timeout): an idle provisioned one is replaced now; one that is
         busy or starting is seen by ``_park`` or ``_provision``."""
         if slot.provisioned and slot in self._idle:
             self._idle.remove(slot)
-            self._discard(slot, slot.watch.failure)
+            self._discard(slot, slot.failure)
 
-    def _park(self, slot: _Slot) -> None:
-        if slot.provisioned and not slot.watch.initialized:  # reset by its invoke: no longer initialised ahead
-            self._discard(slot, slot.watch.failure)
+    def _park(self, slot: Slot) -> None:
+        if slot.provisioned and not slot.initialized:  # reset by its invoke: no longer initialised ahead
+            self._discard(slot, slot.failure)
             return
         if self._closed or slot not in self._slots:
             self._discard(slot)
@@ -383,49 +286,50 @@ class Pool:
         else:
             slot.expiry = asyncio.get_running_loop().call_later(self.keep_alive_s, self._expire, slot)
 
-    def _expire(self, slot: _Slot) -> None:
+    def _expire(self, slot: Slot) -> None:
         slot.expiry = None
         if slot in self._idle:
             self._idle.remove(slot)
             self._discard(slot)
 
-    def _discard(self, slot: _Slot, reason: str | None = None) -> None:
+    def _discard(self, slot: Slot, reason: str | None = None) -> None:
         """Take the environment out of the pool and shut it down; a provisioned one is replaced unless closing."""
         if slot not in self._slots:
             return
         self._slots.discard(slot)
-        task = asyncio.create_task(slot.close())
+        task = self._group.create_task(self._close_slot(slot))
         self._closing.add(task)
-        task.add_done_callback(self._closed_one)
+        task.add_done_callback(self._closing.discard)
         now = asyncio.get_running_loop().time()
-        replace = self._provisioning.left(now, provisioned=slot.provisioned, initialized=slot.watch.inits > 0)
+        replace = self._provisioning.left(now, provisioned=slot.provisioned, initialized=slot.inits > 0)
         if replace is not None:
             self._report_left(slot, reason or "discarded", replace)
             self._replace(replace)
 
-    def _report_left(self, slot: _Slot, reason: str, replace: Replace) -> None:
-        what = "was lost" if slot.watch.inits else "did not start"
+    async def _close_slot(self, slot: Slot) -> None:
+        try:
+            error = await slot.close()
+        except Exception as raised:
+            error = raised
+        if error is not None:
+            self.on_problem(f"lambdabox: {self.config.logical_id}: an environment failed: {error!r}")
+
+    def _report_left(self, slot: Slot, reason: str, replace: Replace) -> None:
+        what = "was lost" if slot.inits else "did not start"
         when = f"in {replace.delay_s:g} s" if replace.delay_s else "now"
         self.on_problem(
             f"lambdabox: {self.config.logical_id}: a provisioned environment {what}: {reason}; another starts {when}"
         )
 
     def _replace(self, replace: Replace) -> None:
-        task = asyncio.create_task(self._provision(replace.at))
+        work = functools.partial(self._provision, replace.at)
+        task = self._group.create_task(self._guarded("replacing a provisioned environment", work))
         self._replacing.add(task)
         task.add_done_callback(self._replaced)
 
     def _replaced(self, task: asyncio.Task[None]) -> None:
         self._replacing.discard(task)
         self._provisioned_changed.set()
-        if not task.cancelled() and (error := task.exception()) is not None:
-            self.on_problem(f"lambdabox: {self.config.logical_id}: replacing a provisioned environment: {error!r}")
-
-    def _closed_one(self, task: asyncio.Task[BaseException | None]) -> None:
-        self._closing.discard(task)
-        error = None if task.cancelled() else task.exception() or task.result()
-        if error is not None:
-            self.on_problem(f"lambdabox: {self.config.logical_id}: an environment failed: {error!r}")
 
     async def close(self) -> None:
         """Cancel the replacements under way, shut every environment down, idle or not, concurrently; each within its

@@ -1,5 +1,6 @@
 """The Invoke API server: every function of a template behind one HTTP endpoint, each with a pool of environments
-and a queue of asynchronous invokes, and the file where records for destinations outside the template go.
+and a queue of asynchronous invokes, and the file where records for destinations outside the template go. One task
+group holds every task of the server, its pools and its queues; ``Server.close`` ends them in order.
 """
 
 from __future__ import annotations
@@ -9,20 +10,21 @@ import functools
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from lambdabox.api import invoke as invoke_api
-from lambdabox.api.httpserver import HttpServer, Router
-from lambdabox.api.invoke import Answer, function_name
+from lambdabox.api.httpserver import Router, open_http_server
+from lambdabox.api.invoke import function_name
+from lambdabox.api.ports import Answer
 from lambdabox.core.model import FunctionConfig, Outcome
-from lambdabox.core.state import INIT_TIMEOUT_S
-from lambdabox.environment.opening import Options
+from lambdabox.core.state import invoke_budget_s
+from lambdabox.environment.options import Options
 from lambdabox.environment.report import Observer
-from lambdabox.environment.runner import SHUTDOWN_SLACK_S
+from lambdabox.loop import open_task_group
 from lambdabox.observe.logstore import LogStore
 from lambdabox.service.asyncinvoke import EventQueue
 from lambdabox.service.pool import DEFAULT_KEEP_ALIVE_S, Capacity, Pool, Ran, default_max_concurrency
@@ -47,12 +49,14 @@ def _to_stderr(text: str) -> None:
 
 
 class Server:
-    """What the Invoke API hands requests to. Use :func:`open_server`."""
+    """What the Invoke API hands requests to; its tasks, and its pools' and queues', belong to ``group`` and never
+    raise (what goes wrong is told to ``report``). Use :func:`open_server`."""
 
     def __init__(
         self,
         template: Template,
         settings: ServerSettings,
+        group: asyncio.TaskGroup,
         observers: Iterable[Observer] = (),
         report: Callable[[str], None] = _to_stderr,
         environment_observers: Callable[[FunctionConfig], Iterable[Observer]] = lambda config: (),
@@ -61,11 +65,13 @@ class Server:
         self.settings = settings
         self.destinations = settings.destinations.absolute()
         self._report = report
+        self._group = group
         self.capacity = Capacity(settings.max_concurrency)
         self.pools = {
             name: Pool(
                 config,
                 self.capacity,
+                group,
                 options=settings.environment,
                 keep_alive_s=settings.keep_alive_s,
                 observers=observers,
@@ -77,7 +83,7 @@ class Server:
         }
         self.queues: dict[str, EventQueue] = {}
         self.address: tuple[str, int] = ("", 0)
-        self._inflight: set[asyncio.Task[Ran]] = set()
+        self._inflight: set[asyncio.Task[None]] = set()  # invokes under way (some past their caller's answer)
         self._said: set[str] = set()
         self._file: IO[str] | None = None
 
@@ -89,8 +95,7 @@ class Server:
     @property
     def longest_invoke_s(self) -> float:
         """The longest an invoke may take, by Lambda's rules (Init, the timeout, and a margin to reap)."""
-        timeouts = [config.timeout_s for config in self.template.functions.values()]
-        return INIT_TIMEOUT_S + max(timeouts, default=0.0) + SHUTDOWN_SLACK_S
+        return invoke_budget_s(max((config.timeout_s for config in self.template.functions.values()), default=0.0))
 
     # ---- the Invoke API's side --------------------------------------------------------------------------------
 
@@ -110,37 +115,53 @@ class Server:
         pool.reserve()
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[Outcome] = loop.create_future()
+        ran: asyncio.Future[Ran] = loop.create_future()
+        ran.add_done_callback(_retrieved)  # a failure after the caller left is reported, not left unretrieved
         request_id = str(uuid.uuid4())
 
         def on_outcome(outcome: Outcome) -> None:
             if not answered.done():
                 answered.set_result(outcome)
 
-        def finished(task: asyncio.Task[Ran]) -> None:
-            self._inflight.discard(task)
-            error = None if task.cancelled() else task.exception()
-            if error is not None and answered.done():  # the caller had its answer; the operator hears of this
-                self.report(f"lambdabox: {config.logical_id}: invoke {request_id} failed after its outcome: {error!r}")
-
-        run = pool.run(
+        run = functools.partial(
+            pool.run,
             payload,
             request_id=request_id,
             client_context=client_context,
             invoked_function_arn=invoked_arn,
             on_outcome=on_outcome,
         )
-        task = loop.create_task(run)
+        task = self._group.create_task(self._run(config, request_id, run, answered, ran))
         self._inflight.add(task)
-        task.add_done_callback(finished)
+        task.add_done_callback(self._inflight.discard)
         if tail:  # the tail ends with Lambda's END and REPORT lines, so it waits for the end of the invoke phase
-            ran = await asyncio.shield(task)
-            return Answer(request_id, ran.result.outcome, ran.log_result)
-        either: set[asyncio.Future[Any]] = {answered, task}
+            done = await asyncio.shield(ran)
+            return Answer(request_id, done.result.outcome, done.log_result)
+        either: set[asyncio.Future[Any]] = {answered, ran}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if answered.done():
             return Answer(request_id, answered.result())
         answered.cancel()
-        return Answer(request_id, task.result().result.outcome)
+        return Answer(request_id, ran.result().result.outcome)
+
+    async def _run(
+        self,
+        config: FunctionConfig,
+        request_id: str,
+        run: Callable[[], Awaitable[Ran]],
+        answered: asyncio.Future[Outcome],
+        ran: asyncio.Future[Ran],
+    ) -> None:
+        """One invoke in flight, as a task of the group: what it ends with goes to ``ran``, never to the group."""
+        try:
+            ran.set_result(await run())
+        except asyncio.CancelledError:
+            ran.cancel()
+            raise
+        except Exception as error:
+            ran.set_exception(error)
+            if answered.done():  # the caller had its answer; the operator hears of this
+                self.report(f"lambdabox: {config.logical_id}: invoke {request_id} failed after its outcome: {error!r}")
 
     def enqueue(self, config: FunctionConfig, payload: bytes) -> str:
         return self.queues[config.logical_id].put(payload)
@@ -192,8 +213,11 @@ class Server:
     async def start(self) -> None:
         self._check_destinations()
         for name, pool in self.pools.items():
-            self.queues[name] = EventQueue(pool, self.deliver, time_scale=self.settings.time_scale, log=self.report)
-        await asyncio.gather(*(pool.start() for pool in self.pools.values()))
+            scale = self.settings.time_scale
+            self.queues[name] = EventQueue(pool, self.deliver, self._group, time_scale=scale, log=self.report)
+        async with open_task_group() as starting:
+            for pool in self.pools.values():
+                starting.create_task(pool.start())
 
     async def wait_settled(self) -> None:
         """Wait until every asynchronous invoke accepted so far, and those its destinations started, has ended."""
@@ -203,12 +227,21 @@ class Server:
 
     async def close(self) -> None:
         """Stop the queues, let the invokes in flight finish (within their deadlines), shut every environment down."""
-        await asyncio.gather(*(queue.close() for queue in self.queues.values()))
+        async with open_task_group() as closing:
+            for queue in self.queues.values():
+                closing.create_task(queue.close())
         while self._inflight:
             await asyncio.wait(set(self._inflight))
-        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        async with open_task_group() as closing:
+            for pool in self.pools.values():
+                closing.create_task(pool.close())
         if self._file is not None:
             self._file.close()
+
+
+def _retrieved(future: asyncio.Future[Ran]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 @asynccontextmanager
@@ -228,16 +261,19 @@ async def open_server(
     On exit: stop accepting, let the requests and invokes in flight finish within their deadlines, shut every
     environment down as Lambda does (SHUTDOWN ``spindown``).
     """
-    server = Server(template, settings or ServerSettings(), observers, report, environment_observers)
-    router = Router()
-    invoke_api.add_routes(router, server)
-    http = HttpServer(router)
-    try:
-        await server.start()
-        server.address = await http.listen(host, port)
-        yield server
-    finally:
-        for queue in server.queues.values():
-            queue.stop()
-        await http.close(server.longest_invoke_s)  # no new connections; the requests in flight are answered
-        await server.close()
+    async with open_task_group() as group:
+        server = Server(template, settings or ServerSettings(), group, observers, report, environment_observers)
+        router = Router()
+        invoke_api.add_routes(router, server)
+        try:
+            async with open_http_server(router) as http:
+                try:
+                    await server.start()
+                    server.address = await http.listen(host, port)
+                    yield server
+                finally:
+                    for queue in server.queues.values():
+                        queue.stop()
+                    await http.close(server.longest_invoke_s)  # no new connections; the requests in flight answered
+        finally:
+            await server.close()
