@@ -15,8 +15,8 @@ SOURCE = Path(lambdabox.__file__).parent
 LAYERS: dict[str, int] = {  # a package may import those of a lower rank (and its own)
     "core": 0,
     "loop": 1,
-    "sandbox": 1,
-    "template": 1,
+    "sandbox": 2,
+    "template": 2,
     "api": 2,
     "environment": 3,
     "observe": 4,

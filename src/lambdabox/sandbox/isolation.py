@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from lambdabox.core.errors import SandboxError
+from lambdabox.loop import open_task_group
 from lambdabox.sandbox import outbound
 from lambdabox.sandbox.cgroups import Cgroups
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
@@ -186,7 +187,7 @@ class Isolation:
                 await asyncio.to_thread(self._sample)
             await asyncio.sleep(SAMPLE_EVERY_S)
 
-    async def _open(self, name: str, isolate: bool) -> None:
+    async def _open(self, name: str, isolate: bool, tasks: asyncio.TaskGroup) -> None:
         for what in ("task", "opt", "tmp"):
             if not os.path.isdir(path := getattr(self.layout, what)):  # noqa: ASYNC240 (a stat)
                 raise SandboxError(f"layout.{what} {path} is not a directory")
@@ -218,7 +219,7 @@ class Isolation:
                 f"peak memory is sampled every {SAMPLE_EVERY_S * 1000:.0f} ms, not counted by the kernel",
                 "freezing sends SIGSTOP/SIGCONT to the registered processes' trees, not the cgroup freezer",
             ]
-            self._sampler = asyncio.create_task(self._sample_forever(), name="lambdabox-memory-sampler")
+            self._sampler = tasks.create_task(self._sample_forever(), name="lambdabox-memory-sampler")
         self._found = tuple(found)
 
     async def _close(self) -> list[str]:
@@ -227,8 +228,6 @@ class Isolation:
         self._outbound.stop_soon()  # its exit overlaps with the rest
         if self._sampler is not None:
             self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
         try:
             await self.kill_all()
         except (SandboxError, OSError) as e:
@@ -316,9 +315,16 @@ async def open_isolation(
     ``network=False`` keeps the environment in the host's network namespace even where it could have its own.
     """
     iso = Isolation(layout, memory_mb, network=network)
+    # The teardown is a task awaited here at once, shielded: a cancellation must not leave a cgroup, a namespace or
+    # a process behind. The memory sampler (degraded mode) is a task of the isolation's own group.
     try:
-        await iso._open(name, isolate)
-        yield iso
+        async with open_task_group() as tasks:
+            await iso._open(name, isolate, tasks)
+            try:
+                yield iso
+            finally:
+                if iso._sampler is not None:
+                    iso._sampler.cancel()
     except BaseException:
         with contextlib.suppress(BaseException):  # the body's exception is the one to report
             await asyncio.shield(asyncio.ensure_future(iso._close()))

@@ -6,14 +6,8 @@ environment produced, wait with deadlines (never sleeps), and assert with messag
 
 from lambdabox.testing.assertion import assert_event_order, assert_invoke_failed, assert_invoked_ok
 from lambdabox.testing.build import PYTHON_RUNTIME, function_from_code, function_from_template
-from lambdabox.testing.function import (
-    EXTENSION_STATES,
-    ExtensionEvent,
-    Invocation,
-    LambdaFunction,
-    PendingInvocation,
-    WaitTimedOut,
-)
+from lambdabox.testing.events import EXTENSION_STATES, ExtensionEvent, Invocation
+from lambdabox.testing.function import LambdaFunction, PendingInvocation, WaitTimedOut
 
 __all__ = [
     "EXTENSION_STATES",

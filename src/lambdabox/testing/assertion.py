@@ -9,7 +9,7 @@ from typing import Any
 
 from lambdabox.core.model import FunctionFailure, Response
 from lambdabox.environment.report import TelemetryEvent
-from lambdabox.testing.function import ExtensionEvent, Invocation, last_lines
+from lambdabox.testing.events import ExtensionEvent, Invocation, last_lines
 
 LISTED = 60  # labels shown in an order failure
 

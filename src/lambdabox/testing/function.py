@@ -1,5 +1,6 @@
-"""A function's live environment behind a synchronous facade: its event loop runs in a thread the facade owns,
-and every call into it, every wait and the shutdown have a deadline.
+"""A function's live environment behind a synchronous facade: its event loop runs in a thread the facade owns, every
+coroutine the facade starts there is a task of one task group, and every call into it, every wait and the shutdown
+have a deadline.
 """
 
 from __future__ import annotations
@@ -8,120 +9,33 @@ import asyncio
 import concurrent.futures
 import json
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from lambdabox.core import facts as f
-from lambdabox.core.errors import error_body
-from lambdabox.core.model import FunctionConfig, LambdaFailure, Outcome, Response
+from lambdabox.core.model import FunctionConfig
 from lambdabox.core.state import INIT_BUDGET_S, invoke_budget_s
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
-from lambdabox.environment.report import InvokeResult, Report, TelemetryEvent
+from lambdabox.environment.report import InvokeResult, TelemetryEvent
 from lambdabox.environment.runner import Environment
-from lambdabox.loop import new_event_loop
+from lambdabox.loop import new_event_loop, open_task_group
+from lambdabox.testing.events import (
+    EXTENSION_STATES,
+    LOG_TYPES,
+    ExtensionEvent,
+    Invocation,
+    extension_step,
+    last_lines,
+    log_lines,
+)
 
 START_TIMEOUT_S = 120.0  # staging, isolation, and the first use of a runtime, which installs its client
 SHUTDOWN_TIMEOUT_S = 30.0  # Lambda's shutdown budget is 2 s; the rest is for reaping
-LAST_LINES = 15  # log lines shown in failure messages
-LOG_TYPES = ("function", "extension")
-EXTENSION_STATES = ("Started", "Ready", "Waiting", "INVOKE", "SHUTDOWN", "Exited", "Killed")
-"""Started: its process was launched. Ready: it registered (``detail``: its events). Waiting: it called /event/next,
-done with the event before (``detail``: the phase). INVOKE, SHUTDOWN: it was handed that event. Exited: its process
-ended by itself (``detail``: how). Killed: it was still running when the environment was shut down or reset."""
 T = TypeVar("T")
 
 
 class WaitTimedOut(AssertionError):
     """A wait or a call did not end within its deadline; the message says what was seen meanwhile."""
-
-
-@dataclass(frozen=True)
-class ExtensionEvent:
-    """A step of an extension's lifecycle (see EXTENSION_STATES), from the event that tells of it."""
-
-    time: float
-    name: str
-    state: str
-    record: Mapping[str, Any]  # the platform.extension or lambdabox.* record
-    detail: str = ""
-
-    @property
-    def request_id(self) -> str | None:
-        return self.record.get("requestId")
-
-
-def extension_step(event: TelemetryEvent) -> ExtensionEvent | None:
-    """The extension step an event tells of: platform.extension (Ready), and the lifecycle's lambdabox.* marks."""
-    record = event.record
-    if not isinstance(record, Mapping):
-        return None
-    if event.type == "platform.extension":
-        events = ", ".join(record.get("events", ()))
-        return ExtensionEvent(event.time, str(record.get("name")), "Ready", record, events)
-    if record.get("process") != "extension":
-        return None
-    match event.type:
-        case f.PROCESS_START:
-            state, detail = "Started", ""
-        case f.NEXT:
-            state, detail = "Waiting", str(record.get("phase", ""))
-        case f.EVENT_DELIVERED:
-            state, detail = str(record.get("eventType")), str(record.get("requestId", ""))
-        case f.PROCESS_EXIT:
-            state, detail = "Exited", str(record.get("description", ""))
-        case f.SIGNAL if record.get("signal") == "SIGKILL":
-            state, detail = "Killed", ""
-        case _:
-            return None
-    return ExtensionEvent(event.time, str(record.get("name")), state, record, detail)
-
-
-@dataclass(frozen=True)
-class Invocation:
-    """One invoke's outcome and REPORT, and the events produced while it ran (Init's too, for a cold start)."""
-
-    request_id: str
-    outcome: Outcome
-    report: Report
-    events: tuple[TelemetryEvent, ...]
-
-    @property
-    def ok(self) -> bool:
-        return isinstance(self.outcome, Response)
-
-    @property
-    def payload(self) -> bytes:
-        """What the caller receives: the response, or the error object."""
-        if isinstance(self.outcome, LambdaFailure):
-            return error_body(self.outcome.error_type, self.outcome.message)
-        return self.outcome.body
-
-    @property
-    def response(self) -> Any:
-        """The payload decoded: JSON when it is JSON, else text, else bytes."""
-        try:
-            return json.loads(self.payload)
-        except ValueError:
-            pass
-        try:
-            return self.payload.decode()
-        except UnicodeDecodeError:
-            return self.payload
-
-    @property
-    def error_type(self) -> str | None:
-        return None if isinstance(self.outcome, Response) else self.outcome.error_type
-
-    @property
-    def error_message(self) -> str | None:
-        error = None if self.ok else self.response
-        return str(error.get("errorMessage", "")) if isinstance(error, dict) else None
-
-    @property
-    def logs(self) -> list[str]:
-        return log_lines(self.events)
 
 
 class PendingInvocation:
@@ -159,12 +73,18 @@ class LambdaFunction:
         self._events: list[TelemetryEvent] = []
         self._cleanup = cleanup
         self._stopping = self._closed = False
-        self._stop = asyncio.Event()
+        self._stop = asyncio.Event()  # the environment is to shut down
+        self._end = asyncio.Event()  # the loop's task group is to end (what is left of its tasks is cancelled)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._loop = new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name=f"lambdabox-{config.logical_id}", daemon=True)
+        group_ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(group_ready,), name=f"lambdabox-{config.logical_id}", daemon=True
+        )
         self._thread.start()
+        group_ready.wait(start_timeout)
         ready: concurrent.futures.Future[Environment] = concurrent.futures.Future()
-        self._owner = asyncio.run_coroutine_threadsafe(self._own(options or Options(), ready), self._loop)
+        self._owner = self._submit(self._own(options or Options(), ready))
         try:
             self._env = self._bounded(ready, start_timeout, "the environment's start")
         except BaseException:
@@ -198,11 +118,11 @@ class LambdaFunction:
         body = payload if payload is not None else json.dumps({} if event is None else event).encode()
         first = len(self.events)
         coroutine = self._invoke(body, client_context)
-        return PendingInvocation(self, asyncio.run_coroutine_threadsafe(coroutine, self._loop), first)
+        return PendingInvocation(self, self._submit(coroutine), first)
 
     def initialize(self, timeout: float = INIT_BUDGET_S) -> TelemetryEvent:
         """Run Init ahead of the first invoke, as provisioned concurrency does; returns its platform.initReport."""
-        self._bounded(asyncio.run_coroutine_threadsafe(self._env.initialize(), self._loop), timeout, "initialize")
+        self._bounded(self._submit(self._env.initialize()), timeout, "initialize")
         return self.wait_for_event("platform.initReport", timeout=timeout)
 
     # ---- what the environment produced ------------------------------------------------------------------------
@@ -336,22 +256,51 @@ class LambdaFunction:
         result = await self._env.invoke(payload, client_context=client_context)
         return result, len(self.events)
 
-    def _run_loop(self) -> None:
+    def _submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coroutine`` as a task of the loop's group; its result (or error) comes back in the future, and
+        cancelling the future cancels the task."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            if self._end.is_set():
+                coroutine.close()
+                done.cancel()
+                return
+            task = self._group.create_task(_carry(coroutine, done))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+            def cancelled(future: concurrent.futures.Future[T]) -> None:
+                if future.cancelled():  # a wait that timed out (or the start's): the task goes too
+                    self._loop.call_soon_threadsafe(task.cancel)
+
+            done.add_done_callback(cancelled)
+
+        self._loop.call_soon_threadsafe(start)
+        return done
+
+    def _run_loop(self, group_ready: threading.Event) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
         try:
-            loop.run_forever()
-            tasks = asyncio.all_tasks(loop)  # after a start that timed out: let the environment close
-            for task in tasks:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(self._main(group_ready))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             loop.close()
 
+    async def _main(self, group_ready: threading.Event) -> None:
+        """The loop's one task group, until the facade ends it: then whatever still runs (after a start that timed
+        out, the environment's own closing) is cancelled and awaited."""
+        async with open_task_group() as group:
+            self._group = group
+            group_ready.set()
+            await self._end.wait()
+            for task in list(self._tasks):
+                task.cancel()
+
     def _finish(self, timeout: float) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.call_soon_threadsafe(self._end.set)
         self._thread.join(timeout)
         with self._cond:
             self._closed = True
@@ -365,10 +314,16 @@ class LambdaFunction:
             self._cond.notify_all()
 
 
-def log_lines(events: Iterable[TelemetryEvent], source: str | None = None) -> list[str]:
-    return [str(e.record) for e in events if e.type in LOG_TYPES and source in (None, e.source)]
-
-
-def last_lines(events: Iterable[TelemetryEvent]) -> str:
-    lines = [f"  [{e.source}] " + str(e.record).replace("\n", "\n    ") for e in events if e.type in LOG_TYPES]
-    return "\n".join([f"last log lines ({min(LAST_LINES, len(lines))} of {len(lines)}):", *lines[-LAST_LINES:]])
+async def _carry(coroutine: Coroutine[Any, Any, T], done: concurrent.futures.Future[T]) -> None:
+    """Await ``coroutine`` for a caller in another thread; its error is the caller's, never the group's."""
+    try:
+        result = await coroutine
+    except asyncio.CancelledError:
+        done.cancel()
+        raise
+    except BaseException as error:
+        if not done.done():
+            done.set_exception(error)
+        return
+    if not done.done():
+        done.set_result(result)
