@@ -733,13 +733,19 @@ def test_freeze_on_freezes_between_invokes() -> None:
 # ---- resets, inits ahead of demand, faults -------------------------------------------------------------------------
 
 
-def test_an_invoke_that_arrives_during_a_reset_waits_for_it_and_starts_the_next_init() -> None:
+def reset_under_way() -> Env:
+    """An environment with one extension whose first invoke timed out at 1.25 s: its reset has begun."""
     env = Env(timeout_s=1.0, extensions=("ext",))
     env.do(InvokeRequested(invoke()))
     env.do(ExtensionRegistered("ext", ("INVOKE", "SHUTDOWN"), "id-ext"))
     env.at(0.25).do(RuntimeRequestedNext())
     env.do(ExtensionRequestedNext("id-ext"))
-    env.at(1.25).do(DeadlinePassed(Timer.INVOKE))  # reset under way
+    env.at(1.25).do(DeadlinePassed(Timer.INVOKE))
+    return env
+
+
+def test_an_invoke_that_arrives_during_a_reset_waits_for_it_and_starts_the_next_init() -> None:
+    env = reset_under_way()
     assert env.phase is Phase.SHUTDOWN
 
     assert env.at(1.3).do(InvokeRequested(invoke("req-2"))) == []  # queued, not refused
@@ -799,12 +805,7 @@ def test_a_crash_during_an_invoke_is_a_platform_fault_but_a_timeout_is_not() -> 
 
 
 def test_a_reset_turned_into_the_final_shutdown_answers_the_invoke_waiting_for_it() -> None:
-    env = Env(timeout_s=1.0, extensions=("ext",))
-    env.do(InvokeRequested(invoke()))
-    env.do(ExtensionRegistered("ext", ("INVOKE", "SHUTDOWN"), "id-ext"))
-    env.at(0.25).do(RuntimeRequestedNext())
-    env.do(ExtensionRequestedNext("id-ext"))
-    env.at(1.25).do(DeadlinePassed(Timer.INVOKE))  # reset under way
+    env = reset_under_way()
     env.at(1.3).do(InvokeRequested(invoke("req-2")))  # waits for the next Init
     commands = env.at(1.35).do(ShutdownRequested())
     outcome = one(commands, Respond).outcome
