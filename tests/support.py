@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import sys
@@ -26,6 +27,20 @@ from lambdabox.loop import run as run_loop
 FIXTURES = Path(__file__).parent / "fixtures"
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
 T = TypeVar("T")
+
+
+def host_cgroups() -> str | None:
+    """The cgroup hierarchy environments get here ("v2" or "v1"), None where they get none (not root, no
+    controllers): what cgroup tests need."""
+    from lambdabox.sandbox.cgroups import CGROUP_ROOT
+
+    if os.geteuid() != 0:
+        return None
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        controllers = set((CGROUP_ROOT / "cgroup.controllers").read_text().split())
+        return "v2" if {"memory", "pids"} <= controllers else None
+    v1 = (CGROUP_ROOT / "memory" / "memory.limit_in_bytes").exists() and (CGROUP_ROOT / "freezer").is_dir()
+    return "v1" if v1 else None
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:

@@ -25,11 +25,12 @@ from lambdabox.sandbox.isolation import Isolation, open_isolation
 from lambdabox.sandbox.namespace import Layout
 from lambdabox.sandbox.netns import NetNamespace
 from lambdabox.sandbox.processes import OwnedProcess
+from support import host_cgroups
 
 T = TypeVar("T")
 PY = sys.executable
-FULL = os.geteuid() == 0 and (CGROUP_ROOT / "memory" / "memory.limit_in_bytes").exists()
-needs_full = pytest.mark.skipif(not FULL, reason="needs root and cgroup v1 memory+freezer")
+FULL = host_cgroups() is not None
+needs_full = pytest.mark.skipif(not FULL, reason="needs root and cgroups (v2, or v1 memory and freezer)")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -91,23 +92,13 @@ def stopped(pid: int) -> bool:
     return status(pid) in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, "gone")
 
 
-def freezer_state(pid: int) -> str | None:
-    """The state of the freezer cgroup ``pid`` is in, as /proc/<pid>/cgroup names it; None without one."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "freezer" in controllers.split(","):
-            state = Path(f"/sys/fs/cgroup/freezer{path}/freezer.state")
-            return state.read_text().strip() if state.exists() else None
-    return None
-
-
 def frozen(iso: Isolation) -> bool:
-    """Seen from outside: every process of the environment in a FROZEN freezer cgroup or, where the isolation
-    freezes by signal (it says so in ``degraded``), every one stopped."""
+    """Every process of the environment stopped: as the kernel reports the cgroup's freeze complete or, where the
+    isolation freezes by signal (it says so in ``degraded``), each one stopped."""
     pids = iso.pids()
     if any("SIGSTOP" in difference for difference in iso.degraded):
         return all(stopped(pid) for pid in pids)
-    return bool(pids) and all(freezer_state(pid) == "FROZEN" for pid in pids)
+    return bool(pids) and iso.cgroups is not None and iso.cgroups.frozen()
 
 
 def read_counter(path: Path) -> int:
@@ -170,6 +161,7 @@ def test_namespace_shows_layout_hosts_and_kept_paths(tmp_path: Path) -> None:
 
 
 @needs_full
+@pytest.mark.cgroup2
 def test_memory_hog_is_oom_killed(tmp_path: Path) -> None:
     hog = "chunks = []\nwhile True:\n    chunks.append(b'x' * (4 << 20))\n"
 
@@ -186,6 +178,7 @@ def test_memory_hog_is_oom_killed(tmp_path: Path) -> None:
 
 
 @needs_full
+@pytest.mark.cgroup2
 def test_peak_memory_grows_after_a_child_allocates_50_mb(tmp_path: Path) -> None:
     alloc = "import time\nblob = b'x' * (50 << 20)\nprint('allocated', flush=True)\ntime.sleep(600)\n"
 
@@ -226,6 +219,7 @@ async def _freeze_roundtrip(iso: Isolation, counter: Path, tmp_in_env: str) -> t
 
 
 @needs_full
+@pytest.mark.cgroup2
 def test_freeze_stops_a_counting_child_and_thaw_resumes_it(tmp_path: Path) -> None:
     layout = make_layout(tmp_path)
 
@@ -239,6 +233,7 @@ def test_freeze_stops_a_counting_child_and_thaw_resumes_it(tmp_path: Path) -> No
 
 
 @needs_full
+@pytest.mark.cgroup2
 def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
     async def body() -> tuple[list[Path], list[int], Path | None, int, int]:
         async with open_isolation(make_layout(tmp_path), memory_mb=128, name="gone") as iso:
@@ -246,8 +241,9 @@ def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
             proc = await spawn(iso, "import time; print('up', flush=True); time.sleep(600)", records)
             await poll_until(lambda: "up" in records)
             assert iso.pids() == [proc.pid]
-            cgroups = [c for c in (iso._cgroups.memory, iso._cgroups.freezer) if c is not None]
-            assert len(cgroups) == 2 and all(c.is_dir() for c in cgroups)
+            assert iso.cgroups is not None
+            cgroups = list(iso.cgroups.paths())  # a memory and a freezer cgroup on v1, one cgroup on v2
+            assert len(cgroups) == {"v1": 2, "v2": 1}[iso.cgroups.hierarchy] and all(c.is_dir() for c in cgroups)
             mnt = iso._namespace.mnt_path
             assert mnt is not None and iso.net_namespace is not None
             hosts, net, mnt_ino = iso._namespace.files_dir, os.stat(iso.net_namespace).st_ino, os.stat(mnt).st_ino
@@ -262,10 +258,13 @@ def test_everything_is_gone_after_the_context_exits(tmp_path: Path) -> None:
     assert not any(c.exists() for c in cgroups)
     assert all(not psutil.pid_exists(p) for p in left)
     assert hosts is not None and not hosts.exists()
-    assert not [d for d in (CGROUP_ROOT / "memory").iterdir() if d.name.startswith("lambdabox-gone-")]
+    for parent in (CGROUP_ROOT / "memory", CGROUP_ROOT / "lambdabox"):  # v1's memory controller, v2's own subtree
+        if parent.is_dir():
+            assert not [d for d in parent.iterdir() if "gone-" in d.name]
 
 
 @needs_full
+@pytest.mark.cgroup2
 def test_teardown_also_when_the_body_raises(tmp_path: Path) -> None:
     seen: list[Path] = []
 
@@ -273,8 +272,8 @@ def test_teardown_also_when_the_body_raises(tmp_path: Path) -> None:
         procs: list[OwnedProcess] = []
         try:
             async with open_isolation(make_layout(tmp_path), memory_mb=128, name="raise") as iso:
-                assert iso._cgroups.memory is not None
-                seen.append(iso._cgroups.memory)
+                assert iso.cgroups is not None
+                seen.extend(iso.cgroups.paths())
                 procs.append(await spawn(iso, "import time; time.sleep(600)", []))
                 raise RuntimeError("boom")
         finally:

@@ -1,84 +1,285 @@
-"""Owns an environment's cgroups (v1), made under CGROUP_ROOT: the memory cgroup (the memory limit, peak memory,
-OOM kills) and the freezer cgroup, and the files kept open to read and write them."""
+"""Owns an environment's cgroups, on whichever hierarchy the host has, behind one interface (:class:`Cgroups`):
+cgroup v2, one cgroup under lambdabox's own subtree (``memory.max`` with ``memory.swap.max`` 0, ``pids.max``,
+``memory.peak``, ``memory.events``, ``cgroup.freeze``, ``cgroup.kill``), or cgroup v1, a cgroup in each of the memory
+and freezer controllers. :func:`make_cgroups` finds which, makes them, or says exactly what the host lacks."""
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import contextlib
 import os
 import re
 import secrets
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+V2_PARENT = "lambdabox"  # lambdabox's own subtree on cgroup v2: /sys/fs/cgroup/lambdabox/<environment>
+PIDS_MAX = 1024  # Lambda's limit on an environment's processes and threads (Lambda quotas page)
+DEADLINE_S = 5.0
+"""Bound on every wait: frozen, killed, removed."""
+POLL_S = 0.002
 
 
-class Cgroups:
-    """One environment's memory and freezer cgroups; ``memory`` and ``freezer`` are None without them."""
+class Cgroups(abc.ABC):
+    """One environment's cgroups (one on v2, two on v1)."""
 
-    def __init__(self) -> None:
-        self.memory: Path | None = None
-        self.freezer: Path | None = None
+    hierarchy: str  # "v2" or "v1", for what lambdabox says about the host
+
+    @abc.abstractmethod
+    def paths(self) -> tuple[Path, ...]:
+        """The cgroups a process joins (each one's ``cgroup.procs``), in the order it joins them."""
+
+    @abc.abstractmethod
+    def peak_memory_bytes(self) -> int:
+        """The most memory the environment's processes used together since the cgroup was made."""
+
+    @abc.abstractmethod
+    def oom_kill_count(self) -> int:
+        """How many processes the kernel has killed for the memory limit (a count that only grows)."""
+
+    @abc.abstractmethod
+    def freeze(self, frozen: bool) -> None:
+        """Start freezing (or thaw) every process; the kernel completes a freeze on its own, nothing waits."""
+
+    @abc.abstractmethod
+    def frozen(self) -> bool:
+        """Whether the kernel reports the freeze complete: every process in the cgroups stopped."""
+
+    @abc.abstractmethod
+    async def kill_all(self) -> None:
+        """SIGKILL every process in the cgroups, forks racing the kill included, and wait until none is left."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the files kept open; the cgroups themselves are removed by :meth:`remove`."""
+
+    def pids(self) -> set[int]:
+        """Every process in the cgroups."""
+        return set().union(*(_read_pids(path) for path in self.paths()))
+
+    async def remove(self) -> list[str]:
+        """Remove the cgroups (killing what is left in them); the problems met."""
+        problems = []
+        for path in self.paths():
+            try:
+                await _poll(lambda path=path: _try_rmdir(path), f"rmdir {path}")  # type: ignore[misc]
+            except TimeoutError as error:
+                problems.append(str(error))
+        return problems
+
+
+class CgroupsV2(Cgroups):
+    """One cgroup of the unified hierarchy."""
+
+    hierarchy = "v2"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._freeze_fd: int | None = None
+        self._peak_fd: int | None = None
+        self._has_peak = (path / "memory.peak").exists()  # Linux 5.19 and later
+        self._sampled_peak = 0
+
+    def paths(self) -> tuple[Path, ...]:
+        return (self.path,)
+
+    def peak_memory_bytes(self) -> int:
+        if not self._has_peak:  # sampled at each reading where the kernel keeps no peak
+            self._sampled_peak = max(self._sampled_peak, int((self.path / "memory.current").read_text()))
+            return self._sampled_peak
+        if self._peak_fd is None:  # read once per invoke: an open descriptor and pread keep it cheap
+            self._peak_fd = os.open(self.path / "memory.peak", os.O_RDONLY)
+        return int(os.pread(self._peak_fd, 32, 0))
+
+    def oom_kill_count(self) -> int:
+        return _key_value(self.path / "memory.events").get("oom_kill", 0)
+
+    def freeze(self, frozen: bool) -> None:
+        if self._freeze_fd is None:  # written twice per invoke: kept open
+            self._freeze_fd = os.open(self.path / "cgroup.freeze", os.O_WRONLY)
+        os.write(self._freeze_fd, b"1" if frozen else b"0")
+
+    def frozen(self) -> bool:
+        return _key_value(self.path / "cgroup.events").get("frozen") == 1
+
+    async def kill_all(self) -> None:
+        kill = self.path / "cgroup.kill"
+        if kill.exists():  # Linux 5.14 and later: every process, at once, forks included
+            kill.write_text("1")
+        else:
+            self.freeze(True)
+            await _poll(self.frozen, "freeze")
+            _signal_all(self.pids(), signal.SIGKILL)
+            self.freeze(False)
+        await _poll(lambda: not _signal_all(self.pids(), signal.SIGKILL), "kill")
+
+    def close(self) -> None:
+        for fd in (self._freeze_fd, self._peak_fd):
+            if fd is not None:
+                os.close(fd)
+        self._freeze_fd = self._peak_fd = None
+
+
+class CgroupsV1(Cgroups):
+    """A cgroup in the memory controller (the limit, peak, OOM kills) and one in the freezer controller."""
+
+    hierarchy = "v1"
+
+    def __init__(self, memory: Path, freezer: Path) -> None:
+        self.memory = memory
+        self.freezer = freezer
         self._peak_fd: int | None = None
         self._freezer_fd: int | None = None
 
     def paths(self) -> tuple[Path, ...]:
-        # Freezer first: then whatever the memory cgroup counts can also be frozen.
-        return (self.freezer, self.memory) if self.memory and self.freezer else ()
+        return (self.freezer, self.memory)  # freezer first: whatever the memory cgroup counts can also be frozen
 
-    def make(self, name: str, memory_mb: int) -> str | None:
-        """Create the memory and freezer cgroups; None, or why they cannot be had."""
-        if os.geteuid() != 0:
-            return "not root"
-        for controller, probe in (("memory", "memory.limit_in_bytes"), ("freezer", "cgroup.procs")):
-            if not (CGROUP_ROOT / controller / probe).exists():
-                return f"no cgroup v1 {controller} controller at {CGROUP_ROOT / controller}"
-        leaf = f"lambdabox-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}-{secrets.token_hex(4)}"
-        limit = memory_mb * 1024 * 1024
-        try:
-            (memory := CGROUP_ROOT / "memory" / leaf).mkdir()
-            self.memory = memory
-            (memory / "memory.limit_in_bytes").write_text(str(limit))
-            if int((memory / "memory.limit_in_bytes").read_text()) != limit:
-                raise OSError(f"memory.limit_in_bytes did not take {limit}")
-            with contextlib.suppress(OSError):  # no such file when swap accounting is off
-                (memory / "memory.memsw.limit_in_bytes").write_text(str(limit))
-            (freezer := CGROUP_ROOT / "freezer" / leaf).mkdir()
-            self.freezer = freezer
-            if not (freezer / "freezer.state").exists():
-                raise OSError(f"{freezer} has no freezer.state")
-        except OSError as e:
-            for cg in (c for c in (self.memory, self.freezer) if c is not None):
-                with contextlib.suppress(OSError):
-                    cg.rmdir()
-            self.memory = self.freezer = None
-            return f"cannot set up cgroups: {e}"
-        return None
-
-    def peak_memory_bytes(self) -> int | None:
-        """Peak memory the memory cgroup counted since it was made; None without one."""
-        if self.memory is None:
-            return None
-        if self._peak_fd is None:  # read once per invoke: an open descriptor and pread keep it cheap
+    def peak_memory_bytes(self) -> int:
+        if self._peak_fd is None:
             self._peak_fd = os.open(self.memory / "memory.max_usage_in_bytes", os.O_RDONLY)
         return int(os.pread(self._peak_fd, 32, 0))
 
     def oom_kill_count(self) -> int:
-        """OOM kills in the cgroup (or, on kernels without that counter, times the limit was hit)."""
-        if self.memory is None:
-            return 0
-        for line in (self.memory / "memory.oom_control").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-        return int((self.memory / "memory.failcnt").read_text())
+        # The oom_kill counter came with Linux 4.13; before it, the times the limit was hit.
+        counts = _key_value(self.memory / "memory.oom_control")
+        return counts["oom_kill"] if "oom_kill" in counts else int((self.memory / "memory.failcnt").read_text())
 
-    def write_freezer(self, state: str) -> None:
-        assert self.freezer is not None
-        if self._freezer_fd is None:  # written twice per invoke: kept open
-            self._freezer_fd = os.open(self.freezer / "freezer.state", os.O_WRONLY)
-        os.write(self._freezer_fd, state.encode())
+    def freeze(self, frozen: bool) -> None:
+        self._write_freezer("FROZEN" if frozen else "THAWED")  # a thaw is complete when the write returns
 
-    def close_files(self) -> None:
+    def frozen(self) -> bool:
+        return (self.freezer / "freezer.state").read_text().strip() == "FROZEN"
+
+    async def kill_all(self) -> None:
+        with contextlib.suppress(TimeoutError, OSError):  # frozen first: nothing forks between listing and killing
+            self._write_freezer("FROZEN")
+            await _poll(self.frozen, "freeze")
+        _signal_all(self.pids(), signal.SIGKILL)
+        self._write_freezer("THAWED")  # frozen tasks die only once thawed
+        await _poll(lambda: not _signal_all(self.pids(), signal.SIGKILL), "kill")  # late forks too
+
+    def close(self) -> None:
         for fd in (self._peak_fd, self._freezer_fd):
             if fd is not None:
                 os.close(fd)
         self._peak_fd = self._freezer_fd = None
+
+    def _write_freezer(self, state: str) -> None:
+        if self._freezer_fd is None:
+            self._freezer_fd = os.open(self.freezer / "freezer.state", os.O_WRONLY)
+        os.write(self._freezer_fd, state.encode())
+
+
+def make_cgroups(name: str, memory_mb: int, root: Path | None = None) -> tuple[Cgroups | None, str | None]:
+    """The environment's cgroups on the host's hierarchy (at ``root``, default CGROUP_ROOT), with its memory limit;
+    or None and why they cannot be had (the reason names what is missing)."""
+    root = root or CGROUP_ROOT
+    if os.geteuid() != 0:
+        return None, "not root (the cgroups an environment needs are made as root)"
+    leaf = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}-{secrets.token_hex(4)}"
+    limit = memory_mb * 1024 * 1024
+    if (root / "cgroup.controllers").exists():
+        return _make_v2(root, leaf, limit)
+    for controller, probe in (("memory", "memory.limit_in_bytes"), ("freezer", "cgroup.procs")):
+        if not (root / controller / probe).exists():
+            return None, f"neither cgroup v2 at {root} nor a cgroup v1 {controller} controller at {root / controller}"
+    return _make_v1(root, f"lambdabox-{leaf}", limit)
+
+
+def _make_v2(root: Path, leaf: str, limit: int) -> tuple[Cgroups | None, str | None]:
+    missing = {"memory", "pids"} - set((root / "cgroup.controllers").read_text().split())
+    if missing:
+        return None, f"cgroup v2 at {root} has no {' and no '.join(sorted(missing))} controller"
+    parent, path = root / V2_PARENT, root / V2_PARENT / leaf
+    try:
+        _enable(root, "memory", "pids")
+        parent.mkdir(exist_ok=True)
+        _enable(parent, "memory", "pids")
+        path.mkdir()
+    except OSError as error:
+        return None, f"cannot make a cgroup under {parent}: {error}"
+    try:
+        (path / "memory.max").write_text(str(limit))
+        with contextlib.suppress(FileNotFoundError):  # no such file when swap accounting is off
+            (path / "memory.swap.max").write_text("0")
+        (path / "pids.max").write_text(str(PIDS_MAX))
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return None, f"cannot set the limits of {path}: {error}"
+    return CgroupsV2(path), None
+
+
+def _enable(cgroup: Path, *controllers: str) -> None:
+    """Let ``cgroup``'s children use ``controllers`` (written only where they are not enabled yet)."""
+    enabled = set((cgroup / "cgroup.subtree_control").read_text().split())
+    if wanted := [c for c in controllers if c not in enabled]:
+        (cgroup / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
+
+
+def _make_v1(root: Path, leaf: str, limit: int) -> tuple[Cgroups | None, str | None]:
+    made: list[Path] = []
+    try:
+        (memory := root / "memory" / leaf).mkdir()
+        made.append(memory)
+        (memory / "memory.limit_in_bytes").write_text(str(limit))
+        if int((memory / "memory.limit_in_bytes").read_text()) != limit:
+            raise OSError(f"memory.limit_in_bytes did not take {limit}")
+        with contextlib.suppress(OSError):  # no such file when swap accounting is off
+            (memory / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        (freezer := root / "freezer" / leaf).mkdir()
+        made.append(freezer)
+        if not (freezer / "freezer.state").exists():
+            raise OSError(f"{freezer} has no freezer.state")
+    except OSError as error:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        return None, f"cannot set up cgroups: {error}"
+    return CgroupsV1(memory, freezer), None
+
+
+def _key_value(path: Path) -> dict[str, int]:
+    """A flat keyed file such as memory.events or cgroup.events: ``key value`` per line."""
+    pairs = (line.split() for line in path.read_text().splitlines())
+    return {pair[0]: int(pair[1]) for pair in pairs if len(pair) == 2 and pair[1].isdigit()}
+
+
+def _read_pids(cgroup: Path) -> set[int]:
+    try:
+        return {int(x) for x in (cgroup / "cgroup.procs").read_text().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def _signal_all(pids: set[int], sig: int) -> set[int]:
+    """Send ``sig`` to each pid (gone ones are skipped); the pids."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return pids
+
+
+def _try_rmdir(path: Path) -> bool:
+    """Remove a cgroup, killing what is in it (a process spawned just before the kill joins late)."""
+    _signal_all(_read_pids(path), signal.SIGKILL)
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:  # EBUSY while the last tasks exit
+        return False
+    return True
+
+
+async def _poll(done: Callable[[], bool], what: str) -> None:
+    """Wait until ``done()``, polling every few ms, at most DEADLINE_S (TimeoutError naming ``what``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while not done():
+        if loop.time() > deadline:
+            raise TimeoutError(f"cgroups: {what} not done after {DEADLINE_S:g} s")
+        await asyncio.sleep(POLL_S)

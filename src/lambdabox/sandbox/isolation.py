@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import shlex
 import shutil
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import psutil
 
 from lambdabox.core.errors import SandboxError
 from lambdabox.loop import open_task_group
 from lambdabox.sandbox import outbound
-from lambdabox.sandbox.cgroups import Cgroups
+from lambdabox.sandbox.cgroups import Cgroups, make_cgroups
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
 
 SAMPLE_EVERY_S = 0.01
@@ -47,7 +45,7 @@ class Isolation:
         self._found: tuple[str, ...] = ()
         self._namespace = Namespace(layout, network=network)
         self._outbound = outbound.Outbound()
-        self._cgroups = Cgroups()
+        self._cgroups: Cgroups | None = None
         self._registered: set[int] = set()
         self._stopped: set[int] = set()  # SIGSTOPped by a degraded freeze
         self._frozen = False
@@ -77,7 +75,8 @@ class Isolation:
         Enters the namespace, joins the cgroups and changes to ``cwd``, all before ``argv`` is exec'd.
         Spawn it with ``host_cwd(cwd)`` as the working directory.
         """
-        steps = [f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}" for cg in self._cgroups.paths()]
+        paths = self._cgroups.paths() if self._cgroups is not None else ()
+        steps = [f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}" for cg in paths]
         prefix: list[str] = []
         if (mnt := self._namespace.mnt_path) is not None:  # (not nsenter --wd: it opens the dir before entering)
             prefix = [self._namespace.nsenter, f"--mount={mnt}"]
@@ -103,8 +102,8 @@ class Isolation:
 
     def pids(self) -> list[int]:
         """Every live process of the environment."""
-        if cgroups := self._cgroups.paths():
-            return sorted(set().union(*(_read_pids(cg) for cg in cgroups)))
+        if self._cgroups is not None:
+            return sorted(self._cgroups.pids())
         found: set[int] = set()
         for pid in list(self._registered):
             tree = _tree(pid)
@@ -115,15 +114,20 @@ class Isolation:
 
     def peak_memory_bytes(self) -> int:
         """Peak memory of all the environment's processes together since it was made."""
-        if (peak := self._cgroups.peak_memory_bytes()) is not None:
-            return peak
+        if self._cgroups is not None:
+            return self._cgroups.peak_memory_bytes()
         if not self._frozen:
             self._sample()
         return self._peak
 
     def oom_kill_count(self) -> int:
-        """OOM kills in the cgroup (or, on kernels without that counter, times the limit was hit)."""
-        return self._cgroups.oom_kill_count()
+        """OOM kills in the cgroup (or, on kernels without that counter, times the limit was hit); 0 without one."""
+        return 0 if self._cgroups is None else self._cgroups.oom_kill_count()
+
+    @property
+    def cgroups(self) -> Cgroups | None:
+        """The environment's cgroups (on the host's hierarchy: ``cgroups.hierarchy``); None without them."""
+        return self._cgroups
 
     def oom_killed(self) -> bool:
         """Whether the kernel killed something for the memory limit."""
@@ -138,15 +142,15 @@ class Isolation:
         completes a freeze on its own (a THAWED written while still FREEZING undoes it); without it, SIGSTOP is
         sent to each process (a SIGCONT sent before it takes effect undoes it), so the next invoke's thaw is
         never held behind a freeze."""
-        if self._cgroups.freezer is not None:
-            self._cgroups.write_freezer("FROZEN")
+        if self._cgroups is not None:
+            self._cgroups.freeze(True)
             return
         self._frozen = True
         self._stopped.update(_kill(signal.SIGSTOP, self.pids()))
 
     def thaw(self) -> None:
-        if self._cgroups.freezer is not None:
-            self._cgroups.write_freezer("THAWED")  # the kernel thaws the cgroup before the write returns
+        if self._cgroups is not None:
+            self._cgroups.freeze(False)
             return
         _kill(signal.SIGCONT, self._stopped | set(self.pids()))
         self._stopped.clear()
@@ -158,21 +162,16 @@ class Isolation:
         A process whose ``command()`` prefix has not joined the cgroups yet is not seen here (the
         teardown catches it); do not spawn while this runs.
         """
-        if self._cgroups.freezer is not None:  # frozen first, so that nothing forks between listing and killing
-            with contextlib.suppress(SandboxError, OSError):
-                await self._set_freezer("FROZEN")
+        if self._cgroups is not None:
+            try:
+                await self._cgroups.kill_all()
+            except TimeoutError as error:
+                raise SandboxError(str(error)) from None
+            return
         _kill(signal.SIGKILL, self.pids())
-        if self._cgroups.freezer is not None:
-            await self._set_freezer("THAWED")  # frozen tasks die only once thawed
         self._stopped.clear()
         self._frozen = False
         await _poll(lambda: not _kill(signal.SIGKILL, self.pids()), "kill_all")  # late forks too
-
-    async def _set_freezer(self, state: str) -> None:
-        assert self._cgroups.freezer is not None
-        self._cgroups.write_freezer(state)
-        path = self._cgroups.freezer / "freezer.state"
-        await _poll(lambda: path.read_text().strip() == state, f"freezer {state}")
 
     def _sample(self) -> None:
         total = 0
@@ -191,7 +190,7 @@ class Isolation:
         for what in ("task", "opt", "tmp"):
             if not os.path.isdir(path := getattr(self.layout, what)):  # noqa: ASYNC240 (a stat)
                 raise SandboxError(f"layout.{what} {path} is not a directory")
-        cg_why = self._cgroups.make(name, self.memory_mb) if isolate else "isolate=False"
+        self._cgroups, cg_why = make_cgroups(name, self.memory_mb) if isolate else (None, "isolate=False")
         out_why = outbound.probe()
         if isolate:
             ns_why = await self._namespace.start(outbound=out_why is None)
@@ -232,13 +231,10 @@ class Isolation:
             await self.kill_all()
         except (SandboxError, OSError) as e:
             problems.append(str(e))
-        self._cgroups.close_files()
-        for cg in self._cgroups.paths():
-            try:
-                await _poll(functools.partial(_try_rmdir, cg), f"rmdir {cg}")
-            except SandboxError as e:
-                problems.append(str(e))
-        self._cgroups.memory = self._cgroups.freezer = None
+        if self._cgroups is not None:
+            self._cgroups.close()
+            problems += await self._cgroups.remove()
+            self._cgroups = None
         try:
             await self._outbound.close()
         except (TimeoutError, OSError) as e:
@@ -269,13 +265,6 @@ def _tree(root: int) -> list[int]:
     return found
 
 
-def _read_pids(cgroup: Path) -> set[int]:
-    try:
-        return {int(x) for x in (cgroup / "cgroup.procs").read_text().split()}
-    except FileNotFoundError:
-        return set()
-
-
 def _kill(sig: int, pids: Iterable[int]) -> list[int]:
     """Send ``sig`` to each pid (gone ones are skipped); the pids."""
     pids = list(pids)
@@ -283,18 +272,6 @@ def _kill(sig: int, pids: Iterable[int]) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     return pids
-
-
-def _try_rmdir(path: Path) -> bool:
-    """Remove a cgroup, killing what is in it (a process spawned just before kill_all joins late)."""
-    _kill(signal.SIGKILL, _read_pids(path))
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        return True
-    except OSError:  # EBUSY while the last tasks exit
-        return False
-    return True
 
 
 def _status(pid: int) -> str | None:
