@@ -225,12 +225,11 @@ async def env_case(stack: contextlib.AsyncExitStack, name: str, config: Function
         case.busy += time.perf_counter() - t_block
 
     case = Case(name, run, degraded=tuple(env.degraded))
-    # Time the freezer calls themselves. This reaches into a private attribute; should it go away, the
-    # figures stay and only this detail is lost. Calls during the warm-up land in lists reset() drops.
-    isolation = getattr(env, "_isolation", None)
-    if isolation is not None:
-        isolation.freeze_at_once = timed(isolation.freeze_at_once, lambda: None if case.done else case.freezes)
-        isolation.thaw = timed(isolation.thaw, lambda: None if case.done else case.thaws)
+    # Time the freezer calls themselves (wrapping the environment's isolation's methods). Calls during the warm-up
+    # land in lists reset() drops.
+    isolation = env.isolation
+    isolation.freeze_at_once = timed(isolation.freeze_at_once, lambda: None if case.done else case.freezes)  # type: ignore[method-assign]
+    isolation.thaw = timed(isolation.thaw, lambda: None if case.done else case.thaws)  # type: ignore[method-assign]
     return case
 
 
