@@ -75,7 +75,6 @@ class Environment:
         self.host_api = host_api  # host:port where lambdabox and tests reach the same APIs from the host
         self.netns = netns  # the environment's network namespace, to make sockets inside it; None: the host's
         self.log_stream = log_stream
-        self.degraded: tuple[str, ...] = isolation.degraded
         self._runtime = runtime
         self._on_reset = on_reset
         self._tasks = tasks
@@ -96,6 +95,11 @@ class Environment:
         self._worker = tasks.create_task(self._work(), name=f"lambdabox-{config.logical_id}-commands")
 
     # ---- typed state, for whoever holds the environment -------------------------------------------------------
+
+    @property
+    def degraded(self) -> tuple[str, ...]:
+        """What differs from Lambda in this environment, one sentence each (the isolation's)."""
+        return self.isolation.degraded
 
     @property
     def initialized(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -65,7 +66,7 @@ class Cgroups(abc.ABC):
         problems = []
         for path in self.paths():
             try:
-                await _poll(lambda path=path: _try_rmdir(path), f"rmdir {path}")  # type: ignore[misc]
+                await _poll(functools.partial(_try_rmdir, path), f"rmdir {path}")
             except TimeoutError as error:
                 problems.append(str(error))
         return problems

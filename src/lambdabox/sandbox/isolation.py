@@ -129,14 +129,6 @@ class Isolation:
         """The environment's cgroups (on the host's hierarchy: ``cgroups.hierarchy``); None without them."""
         return self._cgroups
 
-    def oom_killed(self) -> bool:
-        """Whether the kernel killed something for the memory limit."""
-        return self.oom_kill_count() > 0
-
-    async def freeze(self) -> None:
-        """Freeze every process of the environment (cgroup freezer, else SIGSTOP); as ``freeze_at_once``."""
-        self.freeze_at_once()
-
     def freeze_at_once(self) -> None:
         """Start freezing every process of the environment; nothing waits for them to stop. The cgroup freezer
         completes a freeze on its own (a THAWED written while still FREEZING undoes it); without it, SIGSTOP is
