@@ -1,6 +1,6 @@
-"""Network namespaces: sockets made inside one by NetNamespace, telemetry delivered through them, the environment's
-APIs at 127.0.0.1:9001 inside and on the host's loopback outside, two environments whose extensions listen on the same
-port, the degraded mode, and nothing left behind (threads, fds, namespaces)."""
+"""Network namespaces: sockets made inside one by the environment's holder, telemetry delivered through them, the
+environment's APIs at 127.0.0.1:9001 inside and on the host's loopback outside, two environments whose extensions
+listen on the same port, the degraded mode, and nothing left behind (threads, fds, namespaces)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,9 @@ import asyncio
 import contextlib
 import json
 import os
-import select
 import shutil
-import socket
-import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +20,13 @@ from aiohttp import web
 
 from lambdabox.core.model import Response
 from lambdabox.core.telemetry import parse_telemetry_subscription
-from lambdabox.environment.delivery import open_telemetry_hub
+from lambdabox.environment.delivery import TelemetryHub, open_telemetry_hub
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
 from lambdabox.environment.report import TelemetryEvent
-from lambdabox.sandbox.netns import NetNamespace
+from lambdabox.sandbox.held import Holder
+from lambdabox.sandbox.isolation import open_isolation
+from lambdabox.sandbox.namespace import Layout
 from support import Collector, collector, make_function, run
 
 NETNS = os.geteuid() == 0 and all(shutil.which(t) for t in ("unshare", "nsenter", "ip"))
@@ -36,37 +35,11 @@ DEADLINE_S = 5.0
 WAIT_S = 10.0
 EXTENSION_PORT = 4243  # the port of AWS's published Logs and Telemetry API extension examples
 
-NewNamespace = Callable[[], str]
 
-
-@pytest.fixture
-def new_namespace() -> Iterator[NewNamespace]:
-    """Makes processes alone in a new network namespace (``lo`` up), each one's namespace path; all end after."""
-    holders: list[subprocess.Popen[bytes]] = []
-
-    def make() -> str:
-        script = "ip link set lo up && echo ready && exec cat >/dev/null"
-        proc = subprocess.Popen(
-            ["unshare", "--net", "--", "sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        holders.append(proc)
-        assert proc.stdout is not None
-        readable, _, _ = select.select([proc.stdout], [], [], DEADLINE_S)
-        assert readable and proc.stdout.readline() == b"ready\n"
-        return f"/proc/{proc.pid}/ns/net"
-
-    try:
-        yield make
-    finally:
-        for proc in holders:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.close()  # its cat sees EOF
-            proc.wait(DEADLINE_S)
-            proc.stdout.close()
-
-
-def netns_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("netns:")]
+def make_layout(root: Path) -> Layout:
+    for name in ("task", "opt", "tmp"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    return Layout(root / "task", root / "opt", root / "tmp")
 
 
 def in_namespace(inode: int) -> list[str]:
@@ -83,85 +56,11 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-# ---- NetNamespace ----------------------------------------------------------------------------------------------
-
-
-@needs_netns
-def test_sockets_made_inside_belong_to_the_namespace(new_namespace: NewNamespace) -> None:
-    with NetNamespace(new_namespace()) as ns, ns.socket() as listener:
-        assert ns.call(socket.if_nameindex) == [(1, "lo")]
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        with ns.socket() as inside:
-            inside.connect(("127.0.0.1", port))  # lo is up in there
-            listener.accept()[0].close()
-        with socket.socket() as outside, pytest.raises(ConnectionRefusedError):
-            outside.connect(("127.0.0.1", port))  # nothing listens there on the host's loopback
-
-
-@needs_netns
-def test_two_namespaces_listen_on_9001_at_once(new_namespace: NewNamespace) -> None:
-    with NetNamespace(new_namespace()) as one, NetNamespace(new_namespace()) as two:
-        assert one.inode != two.inode
-        listeners = []
-        for ns in (one, two):
-            listener = ns.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind(("127.0.0.1", 9001))
-            listener.listen()
-            listener.settimeout(DEADLINE_S)
-            listeners.append(listener)
-        for ns, listener, greeting in ((one, listeners[0], b"one"), (two, listeners[1], b"two")):
-            with ns.socket() as client:
-                client.settimeout(DEADLINE_S)
-                client.connect(("127.0.0.1", 9001))
-                client.sendall(greeting)
-                conn, _ = listener.accept()
-                with conn:
-                    assert conn.recv(16) == greeting  # each listener got its own namespace's client
-        for listener in listeners:
-            listener.close()
-
-
-@needs_netns
-def test_closed_namespace_refuses_sockets_and_leaves_no_thread(new_namespace: NewNamespace) -> None:
-    path = new_namespace()
-    fds = open_fds()
-    ns = NetNamespace(path)
-    assert len(netns_threads()) == 1
-    ns.close()
-    ns.close()  # idempotent
-    assert netns_threads() == []
-    with pytest.raises(OSError, match="closed"):
-        ns.socket()
-    assert open_fds() == fds
-
-
-@needs_netns
-def test_what_is_not_a_network_namespace_is_refused() -> None:
-    with pytest.raises(FileNotFoundError):
-        NetNamespace("/proc/self/ns/no-such-namespace")
-    with pytest.raises(OSError, match="setns"):
-        NetNamespace("/proc/self/ns/uts")
-    assert netns_threads() == []
-
-
-@needs_netns
-def test_socket_hop_costs_little(new_namespace: NewNamespace) -> None:
-    """Not a timing test (see bench/): only that many sockets in a row come and go without error or leak."""
-    path = new_namespace()
-    fds = open_fds()
-    with NetNamespace(path) as ns:
-        for _ in range(200):
-            ns.socket().close()
-    assert open_fds() == fds
-
-
 # ---- delivery through the namespace ----------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
-async def http_listener(ns: NetNamespace, received: list[Any], changed: asyncio.Event) -> AsyncIterator[int]:
+async def http_listener(ns: Holder, received: list[Any], changed: asyncio.Event) -> AsyncIterator[int]:
     async def handle(request: web.Request) -> web.Response:
         received.extend(await request.json())
         changed.set()
@@ -181,7 +80,7 @@ async def http_listener(ns: NetNamespace, received: list[Any], changed: asyncio.
 
 
 @contextlib.asynccontextmanager
-async def tcp_listener(ns: NetNamespace, received: list[Any], changed: asyncio.Event) -> AsyncIterator[int]:
+async def tcp_listener(ns: Holder, received: list[Any], changed: asyncio.Event) -> AsyncIterator[int]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.closing(writer):
             while raw := await reader.readline():
@@ -200,31 +99,40 @@ async def tcp_listener(ns: NetNamespace, received: list[Any], changed: asyncio.E
 
 @needs_netns
 @pytest.mark.parametrize("protocol", ["HTTP", "TCP"])
-def test_telemetry_is_delivered_inside_the_namespace(new_namespace: NewNamespace, protocol: str) -> None:
-    async def body(ns: NetNamespace) -> list[Any]:
+def test_telemetry_is_delivered_inside_the_namespace(tmp_path: Path, protocol: str) -> None:
+    async def body() -> list[Any]:
         received: list[Any] = []
         changed = asyncio.Event()
         listener = http_listener if protocol == "HTTP" else tcp_listener
-        async with listener(ns, received, changed) as port, open_telemetry_hub(socket_factory=ns.socket) as hub:
-            destination: dict[str, Any] = {"protocol": "TCP", "port": port}
-            if protocol == "HTTP":
-                destination = {"protocol": "HTTP", "URI": f"http://sandbox.localdomain:{port}/in"}
-            subscription = {"schemaVersion": "2022-12-13", "types": ["function"], "destination": destination}
-            hub.subscribe("ext", parse_telemetry_subscription({**subscription, "buffering": {"timeoutMs": 25}}))
-            hub.observe(TelemetryEvent(1_700_000_000.0, "function", "hello from the host", "runtime"))
-            async with asyncio.timeout(WAIT_S):
-                await hub.flush()
-                while not received:
-                    changed.clear()
-                    await changed.wait()
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="deliver") as iso:
+            assert iso.sockets is not None
+            async with (
+                listener(iso.sockets, received, changed) as port,
+                open_telemetry_hub(socket_factory=iso.sockets.socket) as hub,
+            ):
+                await deliver(hub, protocol, port, received, changed)
         return received
 
-    path = new_namespace()
+    run(body())  # the first name lookup starts the loop library's thread pool (with a pipe of its own, kept)
     fds = open_fds()
-    with NetNamespace(path) as ns:
-        received = run(body(ns))
+    received = run(body())
     assert [r["record"] for r in received] == ["hello from the host"]
-    assert open_fds() == fds
+    assert {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - fds} == {}
+
+
+async def deliver(hub: TelemetryHub, protocol: str, port: int, received: list[Any], changed: asyncio.Event) -> None:
+    """Subscribe to ``port`` inside over ``protocol``; one function record observed, delivered."""
+    destination: dict[str, Any] = {"protocol": "TCP", "port": port}
+    if protocol == "HTTP":
+        destination = {"protocol": "HTTP", "URI": f"http://sandbox.localdomain:{port}/in"}
+    subscription = {"schemaVersion": "2022-12-13", "types": ["function"], "destination": destination}
+    hub.subscribe("ext", parse_telemetry_subscription({**subscription, "buffering": {"timeoutMs": 25}}))
+    hub.observe(TelemetryEvent(1_700_000_000.0, "function", "hello from the host", "runtime"))
+    async with asyncio.timeout(WAIT_S):
+        await hub.flush()
+        while not received:
+            changed.clear()
+            await changed.wait()
 
 
 # ---- environments ----------------------------------------------------------------------------------------------
@@ -251,7 +159,7 @@ def test_environment_serves_the_apis_at_9001_inside_and_on_the_host_outside(tmp_
 
 
 def test_without_a_namespace_the_apis_are_on_a_host_port_and_it_says_so(tmp_path: Path) -> None:
-    async def body() -> tuple[str, str, tuple[str, ...], NetNamespace | None]:
+    async def body() -> tuple[str, str, tuple[str, ...], Holder | None]:
         async with open_environment(make_function(tmp_path), Options(isolate=False)) as env:
             return env.runtime_api, env.host_api, env.degraded, env.netns
 
@@ -285,11 +193,13 @@ def test_extensions_of_two_concurrent_environments_both_listen_on_4243(tmp_path:
             return await body(sink), sink
 
     which, sink = run(go())
-    pids = {b["pid"] for b in sink.batches}
-    assert len(pids) == 2 and {b["port"] for b in sink.batches} == {EXTENSION_PORT}
-    starts: dict[int, set[str]] = {pid: set() for pid in pids}
+    processes = {b["process"] for b in sink.batches}
+    assert len(processes) == 2 and {b["port"] for b in sink.batches} == {EXTENSION_PORT}
+    starts: dict[str, set[str]] = {process: set() for process in processes}
     for batch in sink.batches:
-        starts[batch["pid"]].update(r["record"]["requestId"] for r in batch["records"] if r["type"] == "platform.start")
+        starts[batch["process"]].update(
+            r["record"]["requestId"] for r in batch["records"] if r["type"] == "platform.start"
+        )
     assert sorted(len(s) for s in starts.values()) == [1, 1]  # each extension got its own environment's invoke
     assert {which[next(iter(s))] for s in starts.values()} == {"one", "two"}
     subscribed = [r["record"] for r in sink.records() if r["type"] == "test.subscribed"]
@@ -305,12 +215,12 @@ def test_an_environment_leaves_no_thread_fd_or_namespace_behind(tmp_path: Path) 
         async with open_environment(config) as env:
             assert env.netns is not None
             await env.invoke(b"{}")
-            inode = env.netns.inode
+            inode = os.stat(f"/proc/{env.netns.init_pid}/ns/net").st_ino
             inside = in_namespace(inode)
         return inode, inside
 
     inode, inside = run(body())
-    assert inside  # the holder, the runtime and the namespace's thread were in it
+    assert inside  # the holder's init and the runtime were in it
     assert in_namespace(inode) == []
-    assert netns_threads() == [] and set(threading.enumerate()) <= threads
+    assert set(threading.enumerate()) <= threads
     assert open_fds() == fds

@@ -44,6 +44,7 @@ class FunctionConfig:
     environment: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float = 3.0
     memory_mb: int = 128
+    ephemeral_storage_mb: int = 512  # the size of /tmp (EphemeralStorage.Size)
     template: Path | None = None
     reserved_concurrency: int | None = None
     provisioned_concurrency: int | None = None

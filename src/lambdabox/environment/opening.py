@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -20,7 +19,7 @@ from lambdabox.api import logs as logs_api
 from lambdabox.api import runtime as runtime_api
 from lambdabox.api import telemetry as telemetry_api
 from lambdabox.api.httpserver import HttpServer, Router, open_http_server
-from lambdabox.core.errors import ConfigError
+from lambdabox.core.errors import ConfigError, SandboxError
 from lambdabox.core.extensions import MAX_EXTENSIONS
 from lambdabox.core.lifecycle import Lifecycle
 from lambdabox.core.model import FunctionConfig
@@ -32,13 +31,11 @@ from lambdabox.environment.report import Observer
 from lambdabox.environment.runner import Environment
 from lambdabox.loop import open_task_group
 from lambdabox.sandbox.filesystem import stage_function
+from lambdabox.sandbox.held import Holder
 from lambdabox.sandbox.isolation import Isolation, open_isolation
-from lambdabox.sandbox.namespace import Layout
-from lambdabox.sandbox.netns import NetNamespace
+from lambdabox.sandbox.namespace import RUNTIME_API_ADDRESS, Layout
 from lambdabox.sandbox.runtime import find_node_ric, resolve_runtime
 from lambdabox.sandbox.variables import log_stream_name
-
-RUNTIME_API_ADDRESS = ("127.0.0.1", 9001)  # where Lambda serves the APIs, inside the environment's namespace
 
 
 def discover_extensions(opt: Path, source: str) -> tuple[str, ...]:
@@ -75,7 +72,8 @@ async def open_environment(
         staged = stage_function(config, work_dir)
         extensions = discover_extensions(staged.opt, str(config.template or config.code))
         (work_dir / "tmp").mkdir(mode=0o1777, exist_ok=True)
-        layout = Layout(staged.task, staged.opt, work_dir / "tmp", keep=_keep_paths(config.runtime, options.cache_dir))
+        keep = _keep_paths(config.runtime, options.cache_dir)
+        layout = Layout(staged.task, staged.opt, work_dir / "tmp", keep=keep, tmp_mb=config.ephemeral_storage_mb)
         isolation = await stack.enter_async_context(
             open_isolation(
                 layout,
@@ -95,8 +93,7 @@ async def open_environment(
             host_task_root=str(staged.task),
             host_opt_root=str(staged.opt),
         )
-        net = isolation.net_namespace
-        netns = None if net is None else stack.enter_context(NetNamespace(net))
+        netns = isolation.sockets
         router = Router()
         server = await stack.enter_async_context(open_http_server(router))
         host_api, in_environment_api = await _serve(server, netns, isolation)
@@ -139,7 +136,7 @@ async def open_environment(
                 await env.settled()
 
 
-async def _serve(server: HttpServer, netns: NetNamespace | None, isolation: Isolation) -> tuple[str, str]:
+async def _serve(server: HttpServer, netns: Holder | None, isolation: Isolation) -> tuple[str, str]:
     """Serve the APIs on an ephemeral port of the host's loopback, and, given a network namespace, inside it at
     127.0.0.1:9001 as in Lambda; without one, the runtime uses the host's port. The two ``host:port``: lambdabox's,
     and the runtime's and extensions' (AWS_LAMBDA_RUNTIME_API)."""
@@ -147,12 +144,10 @@ async def _serve(server: HttpServer, netns: NetNamespace | None, isolation: Isol
     if netns is None:
         isolation.api_port = port
         return f"{host}:{port}", f"{host}:{port}"
-    listener = netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener = isolation.take_api_listener()  # made by the holder inside the namespace, listening
+    if listener is None:
+        raise SandboxError("the environment's holder gave no Runtime API listener")
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(RUNTIME_API_ADDRESS)
-        listener.listen(128)
-        listener.setblocking(False)
         await server.serve_socket(listener)  # the server owns the socket from here on
     except BaseException:
         listener.close()

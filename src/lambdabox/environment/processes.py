@@ -42,9 +42,10 @@ class Processes:
         kind = "function" if name is None else "extension"
         try:
             process = await OwnedProcess.start(
-                self._isolation.command(argv),
+                argv,
                 env=env,
-                cwd=self._isolation.host_cwd(),
+                cwd="/var/task",
+                spawn=self._isolation.spawn,
                 label=label,
                 on_record=lambda source, text: self._observers(TelemetryEvent(self._now(), kind, text, source)),
                 telemetry_fd=telemetry_fd,

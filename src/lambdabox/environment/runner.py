@@ -33,7 +33,7 @@ from lambdabox.sandbox.variables import extension_environment, function_environm
 
 if TYPE_CHECKING:
     from lambdabox.environment.options import Options
-    from lambdabox.sandbox.netns import NetNamespace
+    from lambdabox.sandbox.held import Holder
 
 MIB = 1024 * 1024
 
@@ -60,7 +60,7 @@ class Environment:
         tasks: asyncio.TaskGroup,
         runtime_api: str,
         host_api: str,
-        netns: NetNamespace | None,
+        netns: Holder | None,
         log_stream: str,
         on_reset: Callable[[], None] | None = None,
     ) -> None:

@@ -18,7 +18,7 @@ MAX_ANSWER_BYTES = 64 * 1024  # of a subscriber's HTTP answer body; the rest is 
 
 SocketFactory = Callable[[int, int, int], socket.socket]
 """Makes a socket (family, type, proto) where the subscribers listen, such as the environment's network namespace
-(:meth:`lambdabox.sandbox.netns.NetNamespace.socket`); without one, connections are made from here."""
+(:meth:`lambdabox.sandbox.held.Holder.socket`); without one, connections are made from here."""
 
 
 class HttpSender:

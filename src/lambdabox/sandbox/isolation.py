@@ -11,7 +11,8 @@ import os
 import shlex
 import shutil
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 import psutil
@@ -20,7 +21,9 @@ from lambdabox.core.errors import SandboxError
 from lambdabox.loop import open_task_group
 from lambdabox.sandbox import outbound
 from lambdabox.sandbox.cgroups import Cgroups, make_cgroups
+from lambdabox.sandbox.held import TELEMETRY_TARGET, Holder
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
+from lambdabox.sandbox.processes import TELEMETRY_FD_ENV, Child, spawn_here
 
 SAMPLE_EVERY_S = 0.01
 
@@ -69,28 +72,34 @@ class Isolation:
         """The environment's network namespace (a path to open, as ``/proc/<pid>/ns/net``), None without one."""
         return self._namespace.net_path
 
-    def command(self, argv: Sequence[str], *, cwd: str = "/var/task") -> list[str]:
-        """The argv to spawn so that the process (and every child it makes) runs in the environment.
+    @property
+    def sockets(self) -> Holder | None:
+        """What makes sockets inside the environment's network namespace (``sockets.socket()``), None without one."""
+        return self._namespace.holder if self._namespace.net_path is not None else None
 
-        Enters the namespace, joins the cgroups and changes to ``cwd``, all before ``argv`` is exec'd.
-        Spawn it with ``host_cwd(cwd)`` as the working directory.
-        """
+    def take_api_listener(self) -> socket.socket | None:
+        """The Runtime API's listening socket inside the network namespace (127.0.0.1:9001), once; None without."""
+        listener, self._namespace.listener = self._namespace.listener, None
+        return listener
+
+    async def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], stdout: int, stderr: int, telemetry: int | None
+    ) -> Child:
+        """Start ``argv`` in the environment at /var/task, with its stdout and stderr (and awslambdaric's telemetry
+        pipe) on the descriptors given: through the holder, or where there is none, as a child of lambdabox's own
+        that joins the cgroups first."""
+        if self._namespace.active:
+            env = dict(env) if telemetry is None else {**env, TELEMETRY_FD_ENV: str(TELEMETRY_TARGET)}
+            return await self._namespace.spawn(argv, env, "/var/task", stdout, stderr, telemetry)
+        return await spawn_here(self._command(argv), env, stdout, stderr, telemetry, cwd=self.path("/var/task"))
+
+    def _command(self, argv: Sequence[str]) -> list[str]:
+        """The argv that joins the cgroups before ``argv`` is exec'd (no namespaces: no holder)."""
         paths = self._cgroups.paths() if self._cgroups is not None else ()
         steps = [f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))}" for cg in paths]
-        prefix: list[str] = []
-        if (mnt := self._namespace.mnt_path) is not None:  # (not nsenter --wd: it opens the dir before entering)
-            prefix = [self._namespace.nsenter, f"--mount={mnt}"]
-            if (net := self.net_namespace) is not None:
-                prefix.append(f"--net={net}")
-            prefix.append("--")
-            steps.append(f"cd {shlex.quote(cwd)}")
-        if steps:
-            prefix += ["/bin/sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh"]
-        return [*prefix, *argv]
-
-    def host_cwd(self, cwd: str = "/var/task") -> str:
-        """Working directory to hand the spawner along with ``command(argv, cwd=cwd)``."""
-        return "/" if self._namespace.active else self.path(cwd)
+        if not steps:
+            return list(argv)
+        return ["/bin/sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh", *argv]
 
     def path(self, lambda_path: str) -> str:
         """The path to use for a Lambda path: itself inside the namespace, else the host dir behind it."""
@@ -154,6 +163,8 @@ class Isolation:
         A process whose ``command()`` prefix has not joined the cgroups yet is not seen here (the
         teardown catches it); do not spawn while this runs.
         """
+        if (holder := self._namespace.holder) is not None:
+            holder.kill_all()  # orphans too, which no process tree holds
         if self._cgroups is not None:
             try:
                 await self._cgroups.kill_all()
@@ -185,13 +196,15 @@ class Isolation:
         self._cgroups, cg_why = make_cgroups(name, self.memory_mb) if isolate else (None, "isolate=False")
         out_why = outbound.probe()
         if isolate:
-            ns_why = await self._namespace.start(outbound=out_why is None)
+            procs = [path / "cgroup.procs" for path in self._cgroups.paths()] if self._cgroups is not None else []
+            ns_why = await self._namespace.start(outbound=out_why is None, cgroup_procs=procs)
         else:
             ns_why = self._namespace.net_why = "isolate=False"
         found: list[str] = []
         if (net := self._namespace.net_path) is not None and self._namespace.files_dir is not None:
             if out_why is None:
-                out_why = await self._outbound.start(net, self._namespace.files_dir / "slirp4netns.log")
+                user = self._namespace.holder.user_path if self._namespace.holder is not None else None
+                out_why = await self._outbound.start(net, self._namespace.files_dir / "slirp4netns.log", user)
             if out_why is not None:
                 found.append(
                     f"no outbound network ({out_why}): the environment reaches only its own loopback, not the "
@@ -231,7 +244,10 @@ class Isolation:
             await self._outbound.close()
         except (TimeoutError, OSError) as e:
             problems.append(f"slirp4netns did not stop: {e!r}")
-        self._namespace.close()
+        try:
+            await self._namespace.close()
+        except (TimeoutError, OSError) as e:
+            problems.append(f"the holder did not stop: {e!r}")
         if self._namespace.files_dir is not None:
             shutil.rmtree(self._namespace.files_dir, ignore_errors=True)
         return problems

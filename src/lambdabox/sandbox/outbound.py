@@ -33,9 +33,9 @@ class Outbound:
         self._process: asyncio.subprocess.Process | None = None
         self._exit_w: int | None = None
 
-    async def start(self, net_path: str, log: Path) -> str | None:
-        """Give the network namespace at ``net_path`` its outbound interface; None, or why it could not be had.
-        slirp4netns writes what it has to say to ``log``."""
+    async def start(self, net_path: str, log: Path, user_path: str | None = None) -> str | None:
+        """Give the network namespace at ``net_path`` (owned by the user namespace at ``user_path``) its outbound
+        interface; None, or why it could not be had. slirp4netns writes what it has to say to ``log``."""
         ready_r, ready_w = os.pipe()
         exit_r, self._exit_w = os.pipe()
         argv = ["slirp4netns", "--configure", "--mtu=65520", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}"]
@@ -43,6 +43,7 @@ class Outbound:
             with log.open("ab") as out:
                 self._process = await asyncio.create_subprocess_exec(
                     *argv,
+                    *([f"--userns-path={user_path}"] if user_path else []),
                     *["--netns-type=path", net_path, "tap0"],
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,

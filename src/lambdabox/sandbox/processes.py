@@ -6,18 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal as signals
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import IO, cast
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import IO, Protocol, cast
 
 from lambdabox.core.errors import SandboxError
 
 LogSink = Callable[[str, str], None]
 """``(source label, one log record's text)``."""
+
+
+class Child(Protocol):
+    """A started process as its starter sees it (an asyncio subprocess, or one an environment's holder started)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+Spawn = Callable[[Sequence[str], Mapping[str, str], int, int, "int | None"], Awaitable[Child]]
+"""``(argv, env, stdout, stderr, telemetry write end or None) -> the started process``: where and how to start it
+(its own session; with a telemetry pipe, _LAMBDA_TELEMETRY_LOG_FD set to where the child has it)."""
 
 MAX_RECORD = 256 * 1024
 """Longer lines (and frame payloads) are handed on in pieces of at most this many bytes."""
@@ -151,10 +169,27 @@ async def _connect(fd: int, label: str, sink: LogSink, framed: bool) -> _Capture
     return protocol
 
 
+async def spawn_here(
+    argv: Sequence[str], env: Mapping[str, str], stdout: int, stderr: int, telemetry: int | None, *, cwd: str
+) -> Child:
+    """A child of this process in its own session, in ``cwd``."""
+    env = dict(env) if telemetry is None else {**env, TELEMETRY_FD_ENV: str(telemetry)}
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        pass_fds=() if telemetry is None else (telemetry,),
+    )
+
+
 class OwnedProcess:
     """A child in its own process group whose output becomes records and which is always reaped."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, label: str, captures: list[_Capture]) -> None:
+    def __init__(self, proc: Child, label: str, captures: list[_Capture]) -> None:
         self.label = label
         self.pid: int = proc.pid
         self._proc = proc
@@ -170,13 +205,15 @@ class OwnedProcess:
         label: str,
         on_record: LogSink,
         telemetry_fd: bool = False,
+        spawn: Spawn | None = None,
     ) -> OwnedProcess:
         """Spawn ``argv`` (no shell) with stdin on /dev/null; stdout/stderr lines go to ``on_record``.
 
         ``telemetry_fd`` also hands the child the write end of awslambdaric's framed log pipe
-        (``_LAMBDA_TELEMETRY_LOG_FD``); each frame becomes one record.
+        (``_LAMBDA_TELEMETRY_LOG_FD``); each frame becomes one record. ``spawn`` starts it (default: a child of
+        this process, in ``cwd``).
         """
-        child_env = dict(env)
+        spawn = spawn or functools.partial(spawn_here, cwd=cwd)
         # The pipes are ours (not asyncio's) so that exit does not wait for descendants holding them.
         fds: list[int] = []  # every fd still open in this process, closed on any failure
         try:
@@ -190,17 +227,7 @@ class OwnedProcess:
                 tel_r, tel_w = os.pipe()
                 fds += [tel_r, tel_w]
                 pass_fds = (tel_w,)
-                child_env[TELEMETRY_FD_ENV] = str(tel_w)
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                env=child_env,
-                cwd=cwd,
-                start_new_session=True,
-                pass_fds=pass_fds,
-            )
+            proc = await spawn(argv, env, out_w, err_w, pass_fds[0] if pass_fds else None)
         except BaseException:
             for fd in fds:
                 os.close(fd)

@@ -15,8 +15,10 @@ from lambdabox.template.document import read_document, read_section
 from lambdabox.template.eventconfig import EVENT_INVOKE_CONFIG, read_event_invoke
 from lambdabox.template.intrinsic import NO_VALUE, Resolver, Unresolvable
 from lambdabox.template.properties import (
+    DEFAULT_EPHEMERAL_STORAGE_MB,
     DEFAULT_MEMORY_MB,
     DEFAULT_TIMEOUT_S,
+    EPHEMERAL_STORAGE_RANGE,
     MEMORY_RANGE,
     TIMEOUT_RANGE,
     check_layer_count,
@@ -271,6 +273,10 @@ class _Loader:
             timeout = read_whole(fail, value, "Timeout", *TIMEOUT_RANGE)
         if (value := self._get(logical_id, "MemorySize")) is not _MISSING:
             memory = read_whole(fail, value, "MemorySize", *MEMORY_RANGE)
+        storage = DEFAULT_EPHEMERAL_STORAGE_MB
+        if (value := self._get(logical_id, "EphemeralStorage")) is not _MISSING:
+            size = value.get("Size") if isinstance(value, dict) else None
+            storage = read_whole(fail, size, "EphemeralStorage.Size", *EPHEMERAL_STORAGE_RANGE)
         reserved = provisioned = None
         if (value := self._get(logical_id, "ReservedConcurrentExecutions")) is not _MISSING:
             reserved = read_whole(fail, value, "ReservedConcurrentExecutions")
@@ -292,6 +298,7 @@ class _Loader:
             environment=self._environment(logical_id, fail),
             timeout_s=float(timeout),
             memory_mb=memory,
+            ephemeral_storage_mb=storage,
             template=self.source,
             reserved_concurrency=reserved,
             provisioned_concurrency=provisioned,

@@ -1,0 +1,255 @@
+"""Owns lambdabox's side of an environment's holder (:mod:`lambdabox.sandbox.holder`): starting it, handing it the
+configuration, starting processes through it (:class:`HeldProcess`, with their exits as the holder's init reports
+them), making sockets in the environment's network namespace, and ending it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lambdabox.core.errors import SandboxError
+from lambdabox.sandbox import holder as protocol
+
+HOLDER = Path(protocol.__file__)
+DEADLINE_S = 5.0
+"""Bound on every wait: the holder ready, a process started, a socket made, the holder gone."""
+TELEMETRY_TARGET = 3  # the descriptor number a process gets awslambdaric's telemetry pipe at
+
+
+class HeldProcess:
+    """A process the holder started: its host pid (a session leader: signal its group), its exit as init saw it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def _exit(self, returncode: int) -> None:
+        if not self._exited.done():
+            self.returncode = returncode
+            self._exited.set_result(returncode)
+
+
+class Holder:
+    """One running holder. Messages from init arrive on the control socket (read by the event loop); sockets are
+    made over a second socket, synchronously, for callers that cannot wait (an HTTP client's socket factory)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket, sockets: socket.socket) -> None:
+        self.process = process
+        self.init_pid: int | None = None  # init's pid on the host, once known
+        self._control = control
+        self._sockets = sockets
+        self._sockets_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._replies: dict[str, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
+        self._processes: dict[int, HeldProcess] = {}  # by pid inside
+        self._closed = False
+        self._start: asyncio.Queue[tuple[dict[str, Any], list[int]]] = asyncio.Queue()
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(control.fileno(), self._readable)
+
+    @property
+    def net_path(self) -> str | None:
+        return None if self.init_pid is None else f"/proc/{self.init_pid}/ns/net"
+
+    @property
+    def user_path(self) -> str | None:
+        return None if self.init_pid is None else f"/proc/{self.init_pid}/ns/user"
+
+    def root(self, path: str) -> str:
+        """The host's path to ``path`` inside the environment (through init's root)."""
+        return f"/proc/{self.init_pid}/root{path}"
+
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str, fds: Mapping[int, int]) -> HeldProcess:
+        """Start ``argv`` inside, with ``fds`` (target number: descriptor here) in place of stdout, stderr..."""
+        ident = next(self._ids)
+        message = {"spawn": ident, "argv": list(argv), "env": dict(env), "cwd": cwd, "fds": list(fds)}
+        reply, passed = await self._request(f"spawned:{ident}", message, list(fds.values()))
+        if "error" in reply:
+            raise OSError(f"cannot start {argv[0]}: {reply['error']}")
+        try:
+            host_pid = _pidfd_pid(passed[0])
+        finally:
+            for fd in passed:
+                os.close(fd)
+        process = self._processes[reply["pid"]] = HeldProcess(host_pid)
+        return process
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
+        """A new socket in the environment's network namespace."""
+        with self._sockets_lock:
+            if self._closed:
+                raise OSError("the environment's holder is gone")
+            self._sockets.settimeout(DEADLINE_S)
+            protocol.send(self._sockets, {"socket": [family, type, proto]})
+            reply, fds = protocol.receive(self._sockets)
+        if reply is None or not fds:
+            raise OSError("the environment's holder made no socket")
+        return socket.socket(fileno=fds[0])
+
+    def kill_all(self) -> None:
+        """Have init SIGKILL every other process of the PID namespace (kill(-1) from init), orphans included."""
+        with self._sockets_lock, contextlib.suppress(OSError, TimeoutError):
+            if not self._closed:
+                self._sockets.settimeout(DEADLINE_S)
+                protocol.send(self._sockets, {"kill": signal.SIGKILL})
+                protocol.receive(self._sockets)
+
+    async def first(self) -> tuple[dict[str, Any], list[int]]:
+        """The next message of the holder's start-up: ``init``, then ``ready`` or ``error``."""
+        got = asyncio.ensure_future(self._start.get())
+        try:
+            await _first_of(got, self._lost)
+        finally:
+            got.cancel()
+        if not got.done() or got.cancelled():
+            lost = self._lost.done()
+            raise OSError("the holder ended while starting" if lost else f"the holder not ready after {DEADLINE_S}s")
+        return got.result()
+
+    async def _request(self, key: str, message: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        if self._closed:
+            raise OSError("the environment's holder is gone")
+        waiter: asyncio.Future[tuple[dict[str, Any], list[int]]] = asyncio.get_running_loop().create_future()
+        self._replies[key] = waiter
+        try:
+            protocol.send(self._control, message, fds)
+            await _first_of(waiter, self._lost)
+        finally:
+            self._replies.pop(key, None)
+        if not waiter.done():
+            what = "the holder ended" if self._lost.done() else "no answer"
+            raise OSError(f"the environment's holder: {what} to {message}")
+        return waiter.result()
+
+    def _readable(self) -> None:
+        try:
+            message, fds = protocol.receive(self._control)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message, fds = None, []
+        if message is None:
+            self._lose()
+            return
+        if "exited" in message:
+            if (process := self._processes.pop(message["exited"], None)) is not None:
+                process._exit(os.waitstatus_to_exitcode(message["status"]))
+            return
+        if "spawned" not in message:
+            self._start.put_nowait((message, fds))
+            return
+        waiter = self._replies.get(f"spawned:{message['spawned']}")
+        if waiter is None or waiter.done():  # its caller gave up
+            for fd in fds:
+                os.close(fd)
+            return
+        waiter.set_result((message, fds))
+
+    def _lose(self) -> None:
+        """The control socket closed: init is gone, and every process of the PID namespace with it."""
+        if self._lost.done():
+            return
+        self._lost.set_result(None)
+        asyncio.get_running_loop().remove_reader(self._control.fileno())
+        for process in self._processes.values():
+            process._exit(-signal.SIGKILL)
+        self._processes.clear()
+
+    async def close(self) -> None:
+        """End init (the PID namespace and everything in it) and the holder, within the deadline (idempotent)."""
+        if not self._closed:
+            with self._sockets_lock:
+                self._closed = True
+                self._lose()
+                self._control.close()
+                self._sockets.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), DEADLINE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            if self.init_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.init_pid, signal.SIGKILL)
+            await asyncio.wait_for(self.process.wait(), DEADLINE_S)
+
+
+async def start_holder(config: dict[str, Any], cgroup_procs: Sequence[Path], log: Path) -> tuple[Holder, list[int]]:
+    """Start a holder with ``config`` (see :mod:`lambdabox.sandbox.holder`), its processes joining the cgroups whose
+    ``cgroup.procs`` are given; the holder, ready, and the descriptors it sent (the Runtime API's listener).
+    Raises SandboxError saying why it could not be had."""
+    control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sockets, sockets_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    cgroup_fds: list[int] = []
+    holder: Holder | None = None
+    try:
+        cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup_procs]
+        with log.open("ab") as out:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-I",
+                "-S",
+                "-B",
+                str(HOLDER),
+                str(control_theirs.fileno()),
+                str(sockets_theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(control_theirs.fileno(), sockets_theirs.fileno()),
+                start_new_session=True,  # Ctrl-C in a terminal is lambdabox's to handle
+            )
+        control.setblocking(False)
+        holder = Holder(process, control, sockets)
+        protocol.send(control, {**config, "parent": os.getpid()}, cgroup_fds)
+        message, _ = await holder.first()
+        if "init" not in message:
+            raise SandboxError(message.get("error", f"unexpected {message}"))
+        holder.init_pid = message["init"]
+        message, fds = await holder.first()
+        if "ready" not in message:
+            raise SandboxError(message.get("error", f"unexpected {message}"))
+    except BaseException as error:
+        if holder is not None:
+            with contextlib.suppress(Exception):
+                await holder.close()
+        else:
+            control.close()
+            sockets.close()
+        if isinstance(error, OSError):
+            said = log.read_text(errors="replace").strip().splitlines()  # noqa: ASYNC240 (a short local file)
+            raise SandboxError(f"{error}{': ' + said[-1] if said else ''}") from None
+        raise
+    finally:
+        control_theirs.close()
+        sockets_theirs.close()
+        for fd in cgroup_fds:
+            os.close(fd)
+    return holder, fds
+
+
+async def _first_of(*futures: asyncio.Future[Any]) -> None:
+    """Wait until one of ``futures`` is done, at most DEADLINE_S."""
+    await asyncio.wait(set(futures), timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    """The host pid of the process a pidfd refers to (its fdinfo, read in lambdabox's PID namespace)."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(f"no pid in the fdinfo of pidfd {pidfd}")

@@ -1,0 +1,269 @@
+"""Owns the holder: the small process that makes one environment's namespaces (user, mount, PID and network) and is
+init (PID 1) inside them. It builds Lambda's filesystem (:mod:`lambdabox.sandbox.rootfs`), starts each of the
+environment's processes when lambdabox asks, as Lambda's user with Lambda's limits, reaps every process and reports
+the exits. Run as ``python -I -S holder.py <fd>`` (the standard library, this package's ``syscalls``, ``rootfs`` and
+``seccomp``): a fresh single-threaded process, so it may make a user namespace, which lambdabox's own threaded
+process may not. Lambdabox's side is :mod:`lambdabox.sandbox.held`.
+
+The protocol, one JSON object per SOCK_SEQPACKET message on the control socket at ``<fd>``, descriptors alongside:
+- lambdabox's first message is the configuration (descriptors: the cgroups' ``cgroup.procs``, opened by lambdabox);
+  the holder answers ``{"init": <host pid of init>}`` and then, from init, ``{"ready": true}`` (with the Runtime
+  API's listening socket, made inside the network namespace) or ``{"error": "..."}``;
+- ``{"spawn": id, "argv", "env", "cwd", "fds": [targets]}`` with one descriptor per target: answered
+  ``{"spawned": id, "pid": <pid inside>}`` with a pidfd of the process, or ``{"spawned": id, "error": "..."}``;
+- ``{"socket": [family, type, proto]}``: answered ``{"socket": true}`` with a new socket of the network namespace;
+- init sends ``{"exited": <pid inside>, "status": <wait status>}`` for each process it started, when it ends.
+When the control socket closes (lambdabox is done, or gone), init exits and the kernel kills every process left in
+the PID namespace. The holder also dies with its parent (PR_SET_PDEATHSIG), and init with the holder.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: this package's stdlib-only modules sit next to it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from lambdabox.sandbox import rootfs, seccomp, syscalls
+
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 16
+NOFILE = 1024  # Lambda's limit on a process's open files (Lambda quotas page)
+
+
+def send(control: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    """One message, with ``fds`` passed alongside."""
+    data = json.dumps(message).encode()
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    control.sendmsg([data], ancillary)
+
+
+def receive(control: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message and its descriptors (close-on-exec); None at end of file."""
+    data, ancillary, _flags, _address = control.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(array.array("i", payload[:usable]))
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    message: dict[str, Any] = json.loads(data)
+    return message, fds
+
+
+def main() -> None:
+    control, sockets = (socket.socket(fileno=int(fd)) for fd in sys.argv[1:3])
+    for channel in (control, sockets):
+        os.set_inheritable(channel.fileno(), False)
+    config, cgroup_fds = receive(control)
+    if config is None:
+        return
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != config["parent"]:  # lambdabox is already gone
+        return
+    outer = os.geteuid(), os.getegid()  # (after unshare, and until mapped, the overflow ids)
+    try:
+        flags = syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID
+        syscalls.unshare(flags | (syscalls.CLONE_NEWNET if config["net"] else 0))
+        _map_ids(config["uid"], config["gid"], *outer)
+    except OSError as error:
+        send(control, {"error": f"cannot make the namespaces: {error}"})
+        return
+    pid = os.fork()
+    if pid == 0:
+        _init(control, sockets, config, cgroup_fds)  # never returns
+    send(control, {"init": pid})
+    control.close()
+    sockets.close()
+    for fd in cgroup_fds:
+        os.close(fd)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            status = 0
+            break
+        except InterruptedError:
+            continue
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _map_ids(uid: int, gid: int, outer_uid: int, outer_gid: int) -> None:
+    """Lambda's user (``uid``, ``gid``) inside the user namespace is the user who runs lambdabox outside."""
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {outer_uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {outer_gid} 1")
+
+
+def _init(control: socket.socket, sockets: socket.socket, config: dict[str, Any], cgroup_fds: list[int]) -> None:
+    """PID 1 of the namespace: the filesystem, the listener, then serve until the control socket closes."""
+    try:
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if config["net"]:
+            syscalls.loopback_up()
+        rootfs.build(config["fs"])
+        fds: list[int] = []
+        if (api := config.get("api")) is not None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((api[0], api[1]))
+            listener.listen(128)
+            fds.append(listener.fileno())
+        send(control, {"ready": True}, fds)
+        for fd in fds:
+            os.close(fd)
+    except Exception as error:
+        send(control, {"error": f"cannot build the environment: {error}"})
+        os._exit(1)
+    try:
+        _Init(control, sockets, config, cgroup_fds).serve()
+    finally:
+        os._exit(0)
+
+
+class _Init:
+    def __init__(
+        self, control: socket.socket, sockets: socket.socket, config: dict[str, Any], cgroup_fds: list[int]
+    ) -> None:
+        self.control = control
+        self.sockets = sockets
+        self.cgroup_fds = cgroup_fds
+        self.filter = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else b""
+        self.started: set[int] = set()
+        self.wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def serve(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.control.fileno(), self.sockets.fileno(), self.wake_r], [], [])
+            if self.wake_r in ready:
+                while True:
+                    try:
+                        os.read(self.wake_r, 512)
+                    except BlockingIOError:
+                        break
+            self._reap()
+            for channel in (self.control, self.sockets):
+                if channel.fileno() in ready:
+                    message, fds = receive(channel)
+                    if message is None:
+                        return
+                    try:
+                        self._handle(channel, message, fds)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.started:
+                self.started.discard(pid)
+                send(self.control, {"exited": pid, "status": status})
+
+    def _handle(self, channel: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
+        if "socket" in message:
+            family, kind, proto = message["socket"]
+            with socket.socket(family, kind, proto) as made:
+                send(channel, {"socket": True}, [made.fileno()])
+        elif "kill" in message:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, message["kill"])  # from init: every other process of the PID namespace
+            send(channel, {"killed": True})
+        elif "spawn" in message:
+            ident = message["spawn"]
+            try:
+                pid = self._spawn(message, fds)
+            except OSError as error:
+                send(self.control, {"spawned": ident, "error": f"{error.strerror or error}: {message['argv'][0]}"})
+                return
+            self.started.add(pid)
+            pidfd = os.pidfd_open(pid)
+            try:
+                send(self.control, {"spawned": ident, "pid": pid}, [pidfd])
+            finally:
+                os.close(pidfd)
+
+    def _spawn(self, message: dict[str, Any], fds: list[int]) -> int:
+        """Fork and exec; an OSError the child met before exec is raised here (the child is reaped later)."""
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._child(message, fds)
+            except OSError as error:
+                os.write(report_w, f"{error.errno}".encode())
+            except BaseException:
+                os.write(report_w, f"{errno.EINVAL}".encode())
+            os._exit(127)
+        os.close(report_w)
+        try:
+            said = b""
+            while chunk := os.read(report_r, 64):
+                said += chunk
+        finally:
+            os.close(report_r)
+        if said:
+            code = int(said)
+            raise OSError(code, os.strerror(code))
+        return pid
+
+    def _child(self, message: dict[str, Any], fds: list[int]) -> None:
+        """In the forked child: into the cgroups, its own session, its descriptors, Lambda's limits, then exec."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in self.cgroup_fds:
+            os.write(fd, b"0")  # 0: the writing process
+        os.setsid()
+        high = [_dup_high(fd) for fd in fds]  # out of the way of every target
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        for fd, target in zip(high, message["fds"], strict=True):
+            os.dup2(fd, target)
+        for fd in high:
+            os.close(fd)
+        os.chdir(message["cwd"])
+        os.umask(0o022)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        syscalls.drop_bounding_set()
+        if self.filter:
+            seccomp.install(self.filter)
+        else:
+            syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        env = message["env"]
+        os.execvpe(message["argv"][0], message["argv"], env)
+
+
+def _dup_high(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
+
+
+if __name__ == "__main__":
+    main()
