@@ -1,7 +1,16 @@
 """Owns an environment's cgroups, on whichever hierarchy the host has, behind one interface (:class:`Cgroups`):
 cgroup v2, one cgroup under lambdabox's own subtree (``memory.max`` with ``memory.swap.max`` 0, ``pids.max``,
 ``memory.peak``, ``memory.events``, ``cgroup.freeze``, ``cgroup.kill``), or cgroup v1, a cgroup in each of the memory
-and freezer controllers. :func:`make_cgroups` finds which, makes them, or says exactly what the host lacks."""
+and freezer controllers. :func:`make_cgroups` finds which, makes them, or says exactly what the host lacks.
+
+As root the v2 subtree is /sys/fs/cgroup/lambdabox. Without root only cgroup v2 serves, through a delegated subtree
+(as ``systemd-run --user --scope -p Delegate=yes`` gives one): the cgroup lambdabox's own process is in (the ``0::``
+line of /proc/self/cgroup) is delegated when the user can write it, its ``cgroup.procs`` and its
+``cgroup.subtree_control``, and its ``cgroup.controllers`` lists memory and pids. Once per process, the processes in
+it (lambdabox itself, perhaps its parent shell) move into a leaf child, ``lambdabox-supervisor`` (cgroup v2 lets no
+process stay in a cgroup whose children use controllers), memory and pids are enabled for its children, and each
+environment's cgroup is then made next to the supervisor, with the same limits as root's. The supervisor stays (it
+holds lambdabox); an environment's cgroup goes with :meth:`Cgroups.remove`. cgroup v1 cannot be delegated."""
 
 from __future__ import annotations
 
@@ -13,11 +22,15 @@ import os
 import re
 import secrets
 import signal
+import threading
+import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V2_PARENT = "lambdabox"  # lambdabox's own subtree on cgroup v2: /sys/fs/cgroup/lambdabox/<environment>
+SUPERVISOR = "lambdabox-supervisor"  # without root: the leaf of the delegated cgroup that holds lambdabox itself
+DELEGATE_HINT = "run it under `systemd-run --user --scope -p Delegate=yes lambdabox ...`"
 PIDS_MAX = 1024  # Lambda's limit on an environment's processes and threads (Lambda quotas page)
 DEADLINE_S = 5.0
 """Bound on every wait: frozen, killed, removed."""
@@ -176,18 +189,105 @@ class CgroupsV1(Cgroups):
 
 def make_cgroups(name: str, memory_mb: int, root: Path | None = None) -> tuple[Cgroups | None, str | None]:
     """The environment's cgroups on the host's hierarchy (at ``root``, default CGROUP_ROOT), with its memory limit;
-    or None and why they cannot be had (the reason names what is missing)."""
+    or None and why they cannot be had (the reason names what is missing). Without root, on cgroup v2, under the
+    cgroup delegated to the user that lambdabox runs in (see the module's docstring)."""
     root = root or CGROUP_ROOT
-    if os.geteuid() != 0:
-        return None, "not root (the cgroups an environment needs are made as root)"
     leaf = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}-{secrets.token_hex(4)}"
     limit = memory_mb * 1024 * 1024
+    if os.geteuid() != 0:
+        if (root / "cgroup.controllers").exists():
+            return _make_delegated(root, leaf, limit)
+        if any((root / controller).is_dir() for controller in ("memory", "freezer")):
+            return None, "not root, and cgroup v1 cannot be delegated (its cgroups are made as root)"
+        return None, f"not root, and there is no cgroup v2 at {root} to be delegated"
     if (root / "cgroup.controllers").exists():
         return _make_v2(root, leaf, limit)
     for controller, probe in (("memory", "memory.limit_in_bytes"), ("freezer", "cgroup.procs")):
         if not (root / controller / probe).exists():
             return None, f"neither cgroup v2 at {root} nor a cgroup v1 {controller} controller at {root / controller}"
     return _make_v1(root, f"lambdabox-{leaf}", limit)
+
+
+_delegated: dict[Path, Path] = {}  # cgroup root -> the delegated cgroup set up for this process (once per process)
+_delegated_lock = threading.Lock()
+
+
+def _make_delegated(root: Path, leaf: str, limit: int) -> tuple[Cgroups | None, str | None]:
+    """Without root: the environment's cgroup next to the supervisor, in the cgroup delegated to the user."""
+    with _delegated_lock:
+        parent = _delegated.get(root)
+        if parent is None:
+            parent, why = _set_up_delegated(root)
+            if parent is None:
+                return None, why
+            _delegated[root] = parent
+    try:
+        (parent / leaf).mkdir()
+    except OSError as error:
+        return None, f"cannot make a cgroup under the delegated {parent}: {error}"
+    return _set_limits(parent / leaf, limit)
+
+
+def _own_cgroup() -> str | None:
+    """The cgroup v2 path this process is in (``/user.slice/...``), from /proc/self/cgroup's ``0::`` line."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::/"):
+                return line[3:]
+    return None
+
+
+def _set_up_delegated(root: Path) -> tuple[Path | None, str | None]:
+    """Find the delegated cgroup lambdabox runs in, move its processes into the supervisor and enable memory and
+    pids for its children; each step idempotent (another lambdabox of the same cgroup may be doing the same)."""
+    own = _own_cgroup()
+    if own is None:
+        return None, "not root, and /proc/self/cgroup names no cgroup v2 that lambdabox runs in"
+    shown = PurePosixPath(own)
+    if shown.name == SUPERVISOR:  # moved there by an earlier lambdabox (or started by a process that was)
+        shown = shown.parent
+    cgroup = root / str(shown).lstrip("/")
+    uid = os.geteuid()
+    unwritable = [
+        str(path.relative_to(cgroup)) if path != cgroup else "the directory"
+        for path in (cgroup, cgroup / "cgroup.procs", cgroup / "cgroup.subtree_control")
+        if not os.access(path, os.W_OK)
+    ]
+    if unwritable:
+        return None, (
+            f"not root, and the cgroup {shown} lambdabox runs in is not delegated to uid {uid}: "
+            f"{', '.join(unwritable)} not writable ({DELEGATE_HINT})"
+        )
+    try:
+        available = set((cgroup / "cgroup.controllers").read_text().split())
+    except OSError as error:
+        return None, f"not root, and the cgroup {shown} lambdabox runs in has no readable cgroup.controllers: {error}"
+    if missing := sorted({"memory", "pids"} - available):
+        noun = "controller" if len(missing) == 1 else "controllers"
+        return None, (
+            f"not root, and the cgroup {shown} delegated to uid {uid} lacks the {' and '.join(missing)} {noun} "
+            f"(not enabled in its parent's cgroup.subtree_control)"
+        )
+    supervisor = cgroup / SUPERVISOR
+    try:
+        supervisor.mkdir(exist_ok=True)
+    except OSError as error:
+        return None, f"not root, and cannot make {supervisor} in the delegated cgroup: {error}"
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # a process forked into the cgroup meanwhile makes the enabling fail (EBUSY): move it too, retry
+        try:
+            for pid in _read_pids(cgroup):
+                with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                    (supervisor / "cgroup.procs").write_text(str(pid))
+            _enable(cgroup, "memory", "pids")
+            return cgroup, None
+        except OSError as error:
+            if time.monotonic() > deadline:
+                return None, (
+                    f"not root, and cannot move the processes of the delegated {cgroup} into {supervisor} "
+                    f"and enable memory and pids for its children: {error}"
+                )
+        time.sleep(POLL_S)
 
 
 def _make_v2(root: Path, leaf: str, limit: int) -> tuple[Cgroups | None, str | None]:
@@ -202,6 +302,11 @@ def _make_v2(root: Path, leaf: str, limit: int) -> tuple[Cgroups | None, str | N
         path.mkdir()
     except OSError as error:
         return None, f"cannot make a cgroup under {parent}: {error}"
+    return _set_limits(path, limit)
+
+
+def _set_limits(path: Path, limit: int) -> tuple[Cgroups | None, str | None]:
+    """The limits of an environment's cgroup v2: memory (no swap) and Lambda's process limit."""
     try:
         (path / "memory.max").write_text(str(limit))
         with contextlib.suppress(FileNotFoundError):  # no such file when swap accounting is off

@@ -19,7 +19,16 @@ from typing import Any
 from lambdabox.core.errors import SandboxError
 from lambdabox.sandbox import holder as protocol
 
-HOLDER = Path(protocol.__file__)
+_PACKAGES = str(Path(protocol.__file__).parents[2])  # where lambdabox is imported from
+COMMAND = (
+    sys.executable,
+    "-I",
+    "-S",
+    "-c",
+    f"import sys; sys.path.insert(0, {_PACKAGES!r}); from lambdabox.sandbox import holder; holder.main()",
+)
+"""The holder's command line (then the two sockets' descriptor numbers): only the standard library and this
+package's stdlib-only modules are imported, from their cached bytecode, so it starts in a few milliseconds."""
 DEADLINE_S = 5.0
 """Bound on every wait: the holder ready, a process started, a socket made, the holder gone."""
 TELEMETRY_TARGET = 3  # the descriptor number a process gets awslambdaric's telemetry pipe at
@@ -76,15 +85,10 @@ class Holder:
         """Start ``argv`` inside, with ``fds`` (target number: descriptor here) in place of stdout, stderr..."""
         ident = next(self._ids)
         message = {"spawn": ident, "argv": list(argv), "env": dict(env), "cwd": cwd, "fds": list(fds)}
-        reply, passed = await self._request(f"spawned:{ident}", message, list(fds.values()))
+        reply, _ = await self._request(f"spawned:{ident}", message, list(fds.values()))
         if "error" in reply:
             raise OSError(f"cannot start {argv[0]}: {reply['error']}")
-        try:
-            host_pid = _pidfd_pid(passed[0])
-        finally:
-            for fd in passed:
-                os.close(fd)
-        process = self._processes[reply["pid"]] = HeldProcess(host_pid)
+        process: HeldProcess = reply["process"]
         return process
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
@@ -93,7 +97,7 @@ class Holder:
             if self._closed:
                 raise OSError("the environment's holder is gone")
             self._sockets.settimeout(DEADLINE_S)
-            protocol.send(self._sockets, {"socket": [family, type, proto]})
+            protocol.send(self._sockets, {"socket": [int(family), int(type), int(proto)]})
             reply, fds = protocol.receive(self._sockets)
         if reply is None or not fds:
             raise OSError("the environment's holder made no socket")
@@ -104,7 +108,7 @@ class Holder:
         with self._sockets_lock, contextlib.suppress(OSError, TimeoutError):
             if not self._closed:
                 self._sockets.settimeout(DEADLINE_S)
-                protocol.send(self._sockets, {"kill": signal.SIGKILL})
+                protocol.send(self._sockets, {"kill": int(signal.SIGKILL)})  # (marshal: no enums)
                 protocol.receive(self._sockets)
 
     async def first(self) -> tuple[dict[str, Any], list[int]]:
@@ -151,12 +155,16 @@ class Holder:
         if "spawned" not in message:
             self._start.put_nowait((message, fds))
             return
+        if "pid" in message:  # known before its exit can be read (the next message, perhaps in this same turn)
+            try:
+                process = self._processes[message["pid"]] = HeldProcess(_pidfd_pid(fds[0]))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            message = {**message, "process": process}
         waiter = self._replies.get(f"spawned:{message['spawned']}")
-        if waiter is None or waiter.done():  # its caller gave up
-            for fd in fds:
-                os.close(fd)
-            return
-        waiter.set_result((message, fds))
+        if waiter is not None and not waiter.done():  # (else its caller gave up)
+            waiter.set_result((message, []))
 
     def _lose(self) -> None:
         """The control socket closed: init is gone, and every process of the PID namespace with it."""
@@ -199,11 +207,7 @@ async def start_holder(config: dict[str, Any], cgroup_procs: Sequence[Path], log
         cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup_procs]
         with log.open("ab") as out:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-I",
-                "-S",
-                "-B",
-                str(HOLDER),
+                *COMMAND,
                 str(control_theirs.fileno()),
                 str(sockets_theirs.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,

@@ -1,11 +1,12 @@
 """Owns the holder: the small process that makes one environment's namespaces (user, mount, PID and network) and is
 init (PID 1) inside them. It builds Lambda's filesystem (:mod:`lambdabox.sandbox.rootfs`), starts each of the
 environment's processes when lambdabox asks, as Lambda's user with Lambda's limits, reaps every process and reports
-the exits. Run as ``python -I -S holder.py <fd>`` (the standard library, this package's ``syscalls``, ``rootfs`` and
-``seccomp``): a fresh single-threaded process, so it may make a user namespace, which lambdabox's own threaded
-process may not. Lambdabox's side is :mod:`lambdabox.sandbox.held`.
+the exits. Run by :data:`lambdabox.sandbox.held.COMMAND`, as ``python -I -S`` (the standard library and this
+package's ``syscalls``, ``rootfs`` and ``seccomp``, from their cached bytecode): a fresh single-threaded process, so
+it may make a user namespace, which lambdabox's own threaded process may not. Lambdabox's side is :mod:`lambdabox.sandbox.held`.
 
-The protocol, one JSON object per SOCK_SEQPACKET message on the control socket at ``<fd>``, descriptors alongside:
+The protocol, one dict (``marshal``: the peer is the same interpreter) per SOCK_SEQPACKET message on the control
+socket (the first argument; the second is the socket for :meth:`Holder.socket`), descriptors alongside:
 - lambdabox's first message is the configuration (descriptors: the cgroups' ``cgroup.procs``, opened by lambdabox);
   the holder answers ``{"init": <host pid of init>}`` and then, from init, ``{"ready": true}`` (with the Runtime
   API's listening socket, made inside the network namespace) or ``{"error": "..."}``;
@@ -19,23 +20,24 @@ the PID namespace. The holder also dies with its parent (PR_SET_PDEATHSIG), and 
 
 from __future__ import annotations
 
-import array
-import contextlib
+import _socket as socket  # (the C modules: the holder imports no enum, typing or re, to start in a few ms)
 import errno
 import fcntl
-import json
+import marshal
 import os
 import resource
 import select
-import signal
-import socket
+import struct
 import sys
-from typing import Any
-
-if __package__ in (None, ""):  # run as a script: this package's stdlib-only modules sit next to it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lambdabox.sandbox import rootfs, seccomp, syscalls
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import Any
+else:
+    import _signal as signal
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 16
@@ -44,8 +46,8 @@ NOFILE = 1024  # Lambda's limit on a process's open files (Lambda quotas page)
 
 def send(control: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     """One message, with ``fds`` passed alongside."""
-    data = json.dumps(message).encode()
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    data = marshal.dumps(message)
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
     control.sendmsg([data], ancillary)
 
 
@@ -57,13 +59,13 @@ def receive(control: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(array.array("i", payload[:usable]))
+            count = len(payload) // 4
+            fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
     if not data:
         for fd in fds:
             os.close(fd)
         return None, []
-    message: dict[str, Any] = json.loads(data)
+    message: dict[str, Any] = marshal.loads(data)
     return message, fds
 
 
@@ -148,7 +150,7 @@ class _Init:
         self.control = control
         self.sockets = sockets
         self.cgroup_fds = cgroup_fds
-        self.filter = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else b""
+        self.filter: bytes = config.get("seccomp") or b""
         self.started: set[int] = set()
         self.wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         signal.set_wakeup_fd(wake_w)
@@ -190,11 +192,16 @@ class _Init:
     def _handle(self, channel: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
         if "socket" in message:
             family, kind, proto = message["socket"]
-            with socket.socket(family, kind, proto) as made:
+            made = socket.socket(family, kind, proto)
+            try:
                 send(channel, {"socket": True}, [made.fileno()])
+            finally:
+                made.close()
         elif "kill" in message:
-            with contextlib.suppress(ProcessLookupError):
+            try:  # noqa: SIM105 (contextlib is not imported here)
                 os.kill(-1, message["kill"])  # from init: every other process of the PID namespace
+            except ProcessLookupError:
+                pass
             send(channel, {"killed": True})
         elif "spawn" in message:
             ident = message["spawn"]
@@ -263,7 +270,3 @@ class _Init:
 
 def _dup_high(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
-
-
-if __name__ == "__main__":
-    main()

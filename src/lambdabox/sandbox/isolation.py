@@ -214,7 +214,9 @@ class Isolation:
             found += [
                 f"no mount namespace ({ns_why}): code is at {self.layout.task}, not /var/task",
                 f"layers are at {self.layout.opt}, not /opt; tmp is {self.layout.tmp}, not /tmp",
-                "code and layers are writable (read-only in Lambda)",
+                "code, layers and the host's files are writable (read-only in Lambda)",
+                "processes run as lambdabox's own user, with its limits, seeing every process of the machine (in "
+                "Lambda: as sbx_user1051, without capabilities, 1,024 open files, alone)",
                 "/etc/hosts unchanged: sandbox.localdomain may not resolve",
             ]
         if cg_why is not None:

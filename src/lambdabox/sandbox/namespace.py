@@ -6,6 +6,7 @@ passwd, group)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -141,6 +142,8 @@ class Namespace:
         binds += [[str(files / name), f"/etc/{name}", True] for name in ("hosts", "passwd", "group")]
         if (files / "resolv.conf").exists() and os.path.exists("/etc/resolv.conf"):
             binds.append([str(files / "resolv.conf"), "/etc/resolv.conf", True])
+        if (bash := shutil.which("bash")) is not None:  # /bin/sh is bash, as on Amazon Linux
+            binds.append([os.path.realpath(bash), os.path.realpath("/bin/sh"), True])
         kept = sorted({os.path.realpath(p) for p in self.layout.keep if os.path.exists(p)})
         binds += [[path, path, True] for path in kept if _under(path, "/opt") is not None]
         return {
@@ -148,7 +151,7 @@ class Namespace:
             "uid": SANDBOX_UID,
             "gid": SANDBOX_GID,
             "api": list(RUNTIME_API_ADDRESS) if self.net_why is None else None,
-            "seccomp": seccomp.program().hex(),
+            "seccomp": seccomp.program(),
             "fs": {
                 "root": str(files / "root"),
                 "binds": binds,

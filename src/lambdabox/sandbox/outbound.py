@@ -22,7 +22,11 @@ know it from Docker)."""
 
 def probe() -> str | None:
     """None if slirp4netns can be tried here, else why not."""
-    return None if shutil.which("slirp4netns") else "slirp4netns not found"
+    if not shutil.which("slirp4netns"):
+        return "slirp4netns not found"
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):  # 0666 on most distributions
+        return f"/dev/net/tun cannot be opened by uid {os.geteuid()}, which slirp4netns needs"
+    return None
 
 
 class Outbound:

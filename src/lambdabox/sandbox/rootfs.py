@@ -10,9 +10,12 @@ parent's entries bound back, so that nothing is written to the host. Stdlib only
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from lambdabox.sandbox import syscalls
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (not imported when run: the holder starts in a few ms)
+    from typing import Any
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 """The device nodes of /dev (bound from the host's), with /dev/shm, /dev/fd and the std links."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
 import sys
 
@@ -132,7 +131,7 @@ _Step = tuple[int, str | int, str | int, int] | tuple[str]
 
 def program(machine: str | None = None) -> bytes:
     """The filter for ``machine`` (this one by default) as the raw bytes of an array of ``struct sock_filter``."""
-    machine = platform.machine() if machine is None else machine
+    machine = os.uname().machine if machine is None else machine
     if machine not in SYSCALLS:
         raise ValueError(f"no seccomp filter for machine {machine!r} (only {', '.join(SYSCALLS)})")
     numbers = SYSCALLS[machine]

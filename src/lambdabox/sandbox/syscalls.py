@@ -4,12 +4,11 @@ imports it)."""
 
 from __future__ import annotations
 
+import _socket
 import ctypes
 import errno
 import fcntl
 import os
-import platform
-import socket
 import struct
 
 CLONE_NEWNS = 0x00020000
@@ -124,13 +123,16 @@ def make_read_only_tree(path: str) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    number = _SYS_PIVOT_ROOT[platform.machine()]
+    number = _SYS_PIVOT_ROOT[os.uname().machine]
     _check(_libc.syscall(number, os.fsencode(new_root), os.fsencode(put_old)), f"pivot_root {new_root}")
 
 
 def loopback_up() -> None:
     """Bring ``lo`` up in the calling thread's network namespace (SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)  # (_socket: the holder imports no enum)
+    try:
         request = struct.pack("16sH", b"lo", 0)
-        flags = struct.unpack_from("16sH", fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+    finally:
+        s.close()
