@@ -3,7 +3,8 @@ init (PID 1) inside them. It builds Lambda's filesystem (:mod:`lambdabox.sandbox
 environment's processes when lambdabox asks, as Lambda's user with Lambda's limits, reaps every process and reports
 the exits. Run by :data:`lambdabox.sandbox.held.COMMAND`, as ``python -I -S`` (the standard library and this
 package's ``syscalls``, ``rootfs`` and ``seccomp``, from their cached bytecode): a fresh single-threaded process, so
-it may make a user namespace, which lambdabox's own threaded process may not. Lambdabox's side is :mod:`lambdabox.sandbox.held`.
+it may make a user namespace, which lambdabox's own threaded process may not. Lambdabox's side is
+:mod:`lambdabox.sandbox.held`.
 
 The protocol, one dict (``marshal``: the peer is the same interpreter) per SOCK_SEQPACKET message on the control
 socket (the first argument; the second is the socket for :meth:`Holder.socket`), descriptors alongside:
