@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,24 @@ package's stdlib-only modules are imported, from their cached bytecode, so it st
 DEADLINE_S = 5.0
 """Bound on every wait: the holder ready, a process started, a socket made, the holder gone."""
 TELEMETRY_TARGET = 3  # the descriptor number a process gets awslambdaric's telemetry pipe at
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Lambda's user inside the user namespace (``uid``, ``gid``) and who it is outside: the user who runs
+    lambdabox, or, for root, an unprivileged user (so that nothing inside has root's rights over the host's files)."""
+
+    uid: int
+    gid: int
+    outer_uid: int
+    outer_gid: int
+
+    def write(self, pid: int) -> None:
+        """Write the id maps of ``pid``'s user namespace (from outside it: a map naming another user than the
+        writer's own takes a writer with CAP_SETUID there)."""
+        Path(f"/proc/{pid}/setgroups").write_text("deny")
+        Path(f"/proc/{pid}/uid_map").write_text(f"{self.uid} {self.outer_uid} 1")
+        Path(f"/proc/{pid}/gid_map").write_text(f"{self.gid} {self.outer_gid} 1")
 
 
 class HeldProcess:
@@ -195,10 +214,12 @@ class Holder:
             await asyncio.wait_for(self.process.wait(), DEADLINE_S)
 
 
-async def start_holder(config: dict[str, Any], cgroup_procs: Sequence[Path], log: Path) -> tuple[Holder, list[int]]:
+async def start_holder(
+    config: dict[str, Any], cgroup_procs: Sequence[Path], ids: IdMap, log: Path
+) -> tuple[Holder, list[int]]:
     """Start a holder with ``config`` (see :mod:`lambdabox.sandbox.holder`), its processes joining the cgroups whose
-    ``cgroup.procs`` are given; the holder, ready, and the descriptors it sent (the Runtime API's listener).
-    Raises SandboxError saying why it could not be had."""
+    ``cgroup.procs`` are given, Lambda's user mapped as ``ids`` says; the holder, ready, and the descriptors it sent
+    (the Runtime API's listener). Raises SandboxError saying why it could not be had."""
     control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sockets, sockets_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     cgroup_fds: list[int] = []
@@ -218,7 +239,13 @@ async def start_holder(config: dict[str, Any], cgroup_procs: Sequence[Path], log
             )
         control.setblocking(False)
         holder = Holder(process, control, sockets)
-        protocol.send(control, {**config, "parent": os.getpid()}, cgroup_fds)
+        message = {**config, "parent": os.getpid(), "cgroups": len(cgroup_fds)}
+        protocol.send(control, message, cgroup_fds)
+        message, _ = await holder.first()
+        if "unshared" not in message:
+            raise SandboxError(message.get("error", f"unexpected {message}"))
+        ids.write(process.pid)
+        protocol.send(control, {"mapped": True})
         message, _ = await holder.first()
         if "init" not in message:
             raise SandboxError(message.get("error", f"unexpected {message}"))

@@ -8,8 +8,10 @@ it may make a user namespace, which lambdabox's own threaded process may not. La
 
 The protocol, one dict (``marshal``: the peer is the same interpreter) per SOCK_SEQPACKET message on the control
 socket (the first argument; the second is the socket for :meth:`Holder.socket`), descriptors alongside:
-- lambdabox's first message is the configuration (descriptors: the cgroups' ``cgroup.procs``, opened by lambdabox);
-  the holder answers ``{"init": <host pid of init>}`` and then, from init, ``{"ready": true}`` (with the Runtime
+- lambdabox's first message is the configuration (descriptors: the cgroups' ``cgroup.procs``, opened by
+  lambdabox); the holder unshares and says ``{"unshared": true}``, lambdabox writes the user
+  namespace's id maps and answers ``{"mapped": true}``; the holder answers ``{"init": <host pid of init>}`` and
+  then, from init, ``{"ready": true}`` (with the Runtime
   API's listening socket, made inside the network namespace) or ``{"error": "..."}``;
 - ``{"spawn": id, "argv", "env", "cwd", "fds": [targets]}`` with one descriptor per target: answered
   ``{"spawned": id, "pid": <pid inside>}`` with a pidfd of the process, or ``{"spawned": id, "error": "..."}``;
@@ -74,27 +76,36 @@ def main() -> None:
     control, sockets = (socket.socket(fileno=int(fd)) for fd in sys.argv[1:3])
     for channel in (control, sockets):
         os.set_inheritable(channel.fileno(), False)
-    config, cgroup_fds = receive(control)
+    config, fds = receive(control)
     if config is None:
         return
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != config["parent"]:  # lambdabox is already gone
         return
-    outer = os.geteuid(), os.getegid()  # (after unshare, and until mapped, the overflow ids)
     try:
-        flags = syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID
-        syscalls.unshare(flags | (syscalls.CLONE_NEWNET if config["net"] else 0))
-        _map_ids(config["uid"], config["gid"], *outer)
+        flags = syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS | syscalls.CLONE_NEWPID | syscalls.CLONE_NEWIPC
+        syscalls.unshare(flags | syscalls.CLONE_NEWUTS | (syscalls.CLONE_NEWNET if config["net"] else 0))
     except OSError as error:
         send(control, {"error": f"cannot make the namespaces: {error}"})
         return
+    send(control, {"unshared": True})  # lambdabox maps Lambda's user to one of its choosing outside
+    mapped, _ = receive(control)
+    if mapped is None or "mapped" not in mapped:
+        return
+    try:  # still the user outside (its owner rights reach what it may): the filesystem's sources, in the new
+        fds += [os.open(path, os.O_PATH | os.O_CLOEXEC) for path in config["sources"]]  # mount namespace
+    except OSError as error:
+        send(control, {"error": f"cannot open {error.filename}: {error.strerror}"})
+        return
+    os.setresgid(config["gid"], config["gid"], config["gid"])  # become the mapped user (capabilities stay: the
+    os.setresuid(config["uid"], config["uid"], config["uid"])  # namespace's root, 0, is not who it was)
     pid = os.fork()
     if pid == 0:
-        _init(control, sockets, config, cgroup_fds)  # never returns
+        _init(control, sockets, config, fds)  # never returns
     send(control, {"init": pid})
     control.close()
     sockets.close()
-    for fd in cgroup_fds:
+    for fd in fds:
         os.close(fd)
     while True:
         try:
@@ -108,24 +119,18 @@ def main() -> None:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
-def _map_ids(uid: int, gid: int, outer_uid: int, outer_gid: int) -> None:
-    """Lambda's user (``uid``, ``gid``) inside the user namespace is the user who runs lambdabox outside."""
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} {outer_uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {outer_gid} 1")
-
-
-def _init(control: socket.socket, sockets: socket.socket, config: dict[str, Any], cgroup_fds: list[int]) -> None:
-    """PID 1 of the namespace: the filesystem, the listener, then serve until the control socket closes."""
+def _init(control: socket.socket, sockets: socket.socket, config: dict[str, Any], fds: list[int]) -> None:
+    """PID 1 of the namespace: the filesystem, the listener, then serve until the control socket closes. ``fds``:
+    the cgroups' ``cgroup.procs`` (``config["cgroups"]`` of them), then the filesystem's sources."""
+    cgroup_fds, sources = fds[: config["cgroups"]], fds[config["cgroups"] :]
     try:
         syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
         if config["net"]:
             syscalls.loopback_up()
-        rootfs.build(config["fs"])
-        fds: list[int] = []
+        rootfs.build(config["fs"], sources)
+        for fd in sources:
+            os.close(fd)
+        fds = []
         if (api := config.get("api")) is not None:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

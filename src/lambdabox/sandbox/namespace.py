@@ -6,6 +6,7 @@ passwd, group)."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 from lambdabox.core.errors import SandboxError
 from lambdabox.sandbox import outbound as outbound_module
 from lambdabox.sandbox import seccomp
-from lambdabox.sandbox.held import TELEMETRY_TARGET, HeldProcess, Holder, start_holder
+from lambdabox.sandbox.held import TELEMETRY_TARGET, HeldProcess, Holder, IdMap, start_holder
 
 DEADLINE_S = 5.0
 """Bound on every wait: namespaces made, FROZEN/THAWED, cgroup empty."""
@@ -43,6 +44,39 @@ class Layout:
 def _under(path: str, top: str) -> str | None:
     """``path`` relative to ``top`` when it lies strictly under it."""
     return path[len(top) + 1 :] if path.startswith(top + "/") else None
+
+
+def _id_map() -> IdMap:
+    """Lambda's user inside; outside, lambdabox's own user, or for root the unprivileged ``nobody``."""
+    if os.geteuid() != 0:
+        return IdMap(SANDBOX_UID, SANDBOX_GID, os.geteuid(), os.getegid())
+    try:
+        nobody = pwd.getpwnam("nobody")
+        return IdMap(SANDBOX_UID, SANDBOX_GID, nobody.pw_uid, nobody.pw_gid)
+    except KeyError:
+        return IdMap(SANDBOX_UID, SANDBOX_GID, 65534, 65534)
+
+
+def _blocked(paths: Sequence[str], uid: int, gid: int) -> dict[str, dict[str, str]]:
+    """For host ``paths`` the user ``uid``:``gid`` must reach, each directory on the way that it may not traverse,
+    with the entries of it that lead to them (directory -> entry -> the entry's host path)."""
+    found: dict[str, dict[str, str]] = {}
+    for path in paths:
+        parts = path.strip("/").split("/")
+        for depth in range(len(parts)):
+            directory = "/" + "/".join(parts[:depth])
+            if not _traversable(os.stat(directory), uid, gid):
+                entry = parts[depth]
+                found.setdefault(directory, {})[entry] = os.path.join(directory, entry)
+    return found
+
+
+def _traversable(st: os.stat_result, uid: int, gid: int) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o100)
+    if st.st_gid == gid:
+        return bool(st.st_mode & 0o010)
+    return bool(st.st_mode & 0o001)
 
 
 def _probe_namespace() -> str | None:
@@ -120,10 +154,13 @@ class Namespace:
             _write_etc(files, address, outbound_module.DNS_ADDRESS if outbound else None)
         else:
             _write_etc(files, "127.0.0.1", None)  # the host's network: the machine is at its own loopback
-        (files / "root").mkdir()
+        os.chmod(files, 0o711)  # the holder's init, Lambda's user outside, reaches root/ in it (nothing else)
+        (files / "root").mkdir(mode=0o755)
+        ids = _id_map()
         try:
-            self.holder, fds = await start_holder(self._config(files), cgroup_procs, files / "holder.log")
-        except SandboxError as error:
+            config = self._config(files, ids)
+            self.holder, fds = await start_holder(config, cgroup_procs, ids, files / "holder.log")
+        except (SandboxError, OSError) as error:
             self.net_why = f"namespace setup failed: {error}"
             return self.net_why
         if fds:
@@ -131,32 +168,44 @@ class Namespace:
             self.listener.setblocking(False)
         return None
 
-    def _config(self, files: Path) -> dict[str, object]:
+    def _config(self, files: Path, ids: IdMap) -> dict[str, object]:
         """The holder's configuration (see :mod:`lambdabox.sandbox.holder`)."""
+        sources: list[str] = []  # host paths, opened by the holder before it becomes Lambda's user
+
+        def source(path: str) -> int:
+            sources.append(path)
+            return len(sources) - 1
+
         (files / "passwd").write_text(PASSWD)
         (files / "group").write_text(GROUP)
-        binds: list[list[object]] = [
-            [str(self.layout.task.resolve()), "/var/task", True],
-            [str(self.layout.opt.resolve()), "/opt", True],
-        ]
-        binds += [[str(files / name), f"/etc/{name}", True] for name in ("hosts", "passwd", "group")]
+        binds: list[tuple[str, str]] = [(str(self.layout.task), "/var/task"), (str(self.layout.opt), "/opt")]
+        binds += [(str(files / name), f"/etc/{name}") for name in ("hosts", "passwd", "group")]
         if (files / "resolv.conf").exists() and os.path.exists("/etc/resolv.conf"):
-            binds.append([str(files / "resolv.conf"), "/etc/resolv.conf", True])
+            binds.append((str(files / "resolv.conf"), "/etc/resolv.conf"))
         if (bash := shutil.which("bash")) is not None:  # /bin/sh is bash, as on Amazon Linux
-            binds.append([os.path.realpath(bash), os.path.realpath("/bin/sh"), True])
+            binds.append((bash, os.path.realpath("/bin/sh")))
         kept = sorted({os.path.realpath(p) for p in self.layout.keep if os.path.exists(p)})
-        binds += [[path, path, True] for path in kept if _under(path, "/opt") is not None]
+        binds += [(path, path) for path in kept if _under(path, "/opt") is not None]
+        elsewhere = [path for path in kept if _under(path, "/opt") is None and _under(path, "/tmp") is None]
+        reach = _blocked(elsewhere, ids.outer_uid, ids.outer_gid) if os.geteuid() == 0 else {}
         return {
             "net": self.net_why is None,
-            "uid": SANDBOX_UID,
-            "gid": SANDBOX_GID,
+            "uid": ids.uid,
+            "gid": ids.gid,
             "api": list(RUNTIME_API_ADDRESS) if self.net_why is None else None,
             "seccomp": seccomp.program(),
+            "sources": sources,
             "fs": {
                 "root": str(files / "root"),
-                "binds": binds,
+                "reach": [
+                    [directory, [[name, source(path), os.path.isdir(path)] for name, path in sorted(entries.items())]]
+                    for directory, entries in sorted(reach.items())
+                ],
+                "binds": [[source(host), target, True, os.path.isdir(host)] for host, target in binds],
                 "tmp_mb": self.layout.tmp_mb,
-                "tmp_keep": [path for path in kept if _under(path, "/tmp") is not None],
+                "tmp_keep": [
+                    [source(path), path, os.path.isdir(path)] for path in kept if _under(path, "/tmp") is not None
+                ],
             },
         }
 

@@ -35,6 +35,7 @@ def ensure_python_runtime(runtime: str, minor: int, runtime_dir: Path, cache_dir
     interpreter = lang / "bin" / runtime
     requirements = _requirements(minor)
     if interpreter.exists() and _packages_ready(runtime_dir, requirements):
+        _open_to_all(runtime_dir)
         return interpreter
     with _locked(cache_dir / "runtime" / f"{runtime}.lock"):
         lang_ready = interpreter.exists()  # false too when the base interpreter it links to is gone
@@ -180,6 +181,13 @@ def _make_lang(runtime: str, base: Path, lang: Path) -> None:
         )
 
 
+def _open_to_all(directory: Path) -> None:
+    """Make the runtime dir readable by all (a temporary directory is made 0700): inside an environment it is read
+    by Lambda's user, as Lambda's /var/runtime is."""
+    if directory.stat().st_mode & 0o005 != 0o005:
+        directory.chmod(0o755)
+
+
 def _pip_install(runtime: str, base: Path, runtime_dir: Path, requirements: list[str]) -> None:
     """``pip install --target`` into a fresh directory, then swap it in as the runtime dir."""
     runtime_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +225,7 @@ def _pip_install(runtime: str, base: Path, runtime_dir: Path, requirements: list
             old = Path(tempfile.mkdtemp(prefix=f".{runtime}.old.", dir=runtime_dir.parent))
             runtime_dir.rename(old / "dir")
             shutil.rmtree(old, ignore_errors=True)
+        _open_to_all(staging)
         staging.rename(runtime_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

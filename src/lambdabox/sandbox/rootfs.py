@@ -21,30 +21,37 @@ DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 """The device nodes of /dev (bound from the host's), with /dev/shm, /dev/fd and the std links."""
 
 
-def build(fs: dict[str, Any]) -> None:
-    """Build the filesystem described by ``fs`` and make it the calling process's root (in its mount namespace):
-    ``root`` an empty directory to build in; ``binds`` ``[source, target, read_only]`` in order; ``tmp_mb`` the size
-    of /tmp; ``tmp_keep`` host paths under /tmp that stay visible at the same path."""
+def build(fs: dict[str, Any], sources: list[int]) -> None:
+    """Build the filesystem described by ``fs`` and make it the calling process's root (in its mount namespace).
+    Every host path is reached through a descriptor lambdabox opened (``sources``, by index), so that no directory
+    on the way needs to be open to the user inside: ``root`` an empty directory to build in; ``reach``
+    ``[directory, [[entry, source, is_dir], ...]]``, directories of the host the user may not traverse, each
+    covered by a tmpfs that holds only the entries given; ``binds`` ``[source, target, read_only, is_dir]`` in
+    order; ``tmp_mb`` the size of /tmp; ``tmp_keep`` ``[source, path, is_dir]``, host paths under /tmp that stay
+    visible at the same path."""
     root = fs["root"]
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     syscalls.mount("/", root, None, syscalls.MS_BIND | syscalls.MS_REC)
+    for directory, entries in fs["reach"]:  # outer ones first
+        syscalls.mount("tmpfs", root + directory, "tmpfs", 0, "mode=755")
+        for name, source, is_dir in entries:
+            _make(f"{root}{directory}/{name}", is_dir)
+            _bind(_fd(sources, source), f"{root}{directory}/{name}")
     ours: set[str] = set()  # directories on a tmpfs of the build's own
     for point in ("/var/task", "/opt", "/tmp", "/dev", "/proc"):
         _ensure(root, point, is_dir=True, ours=ours)
-    for source, target, read_only in fs["binds"]:
-        _ensure(root, target, is_dir=os.path.isdir(source), ours=ours)
-        _bind(source, root + target, read_only=read_only)
+    for source, target, read_only, is_dir in fs["binds"]:
+        _ensure(root, target, is_dir=is_dir, ours=ours)
+        _bind(_fd(sources, source), root + target, read_only=read_only)
     _make_dev(root + "/dev")
     syscalls.make_read_only_tree(root)
     tmp = root + "/tmp"
     syscalls.mount("tmpfs", tmp, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, f"size={fs['tmp_mb']}m,mode=1777")
-    for path in fs["tmp_keep"]:
-        if os.path.isdir(path):
-            os.makedirs(root + path, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(root + path), exist_ok=True)
-            open(root + path, "ab").close()
-        _bind(path, root + path)
+    for source, path, is_dir in fs["tmp_keep"]:
+        os.makedirs(root + (path if is_dir else os.path.dirname(path)), exist_ok=True)
+        if not is_dir:
+            _make(root + path, is_dir=False)
+        _bind(_fd(sources, source), root + path, read_only=True)
     flags = syscalls.MS_NOSUID | syscalls.MS_NODEV
     syscalls.mount("shm", root + "/dev/shm", "tmpfs", flags, "mode=1777")
     syscalls.mount("proc", root + "/proc", "proc", flags | syscalls.MS_NOEXEC)
@@ -52,6 +59,10 @@ def build(fs: dict[str, Any]) -> None:
     syscalls.pivot_root(".", ".")  # the old root ends up on top of the new one, at the same place
     syscalls.umount(".", syscalls.MNT_DETACH)
     os.chdir("/")
+
+
+def _fd(sources: list[int], index: int) -> str:
+    return f"/proc/self/fd/{sources[index]}"
 
 
 def _bind(source: str, target: str, *, read_only: bool = False) -> None:
@@ -79,7 +90,7 @@ def _ensure(root: str, point: str, *, is_dir: bool, ours: set[str]) -> None:
 
 def _make(path: str, is_dir: bool) -> None:
     if is_dir:
-        os.mkdir(path)
+        os.makedirs(path, exist_ok=True)
     else:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
 

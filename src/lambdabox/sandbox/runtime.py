@@ -233,7 +233,7 @@ def _node_command(runtime: str, major: int, opt_root: str, cache_dir: Path) -> R
 
 def _write_if_changed(path: Path, text: str) -> None:
     try:
-        if path.read_text() == text:
+        if path.read_text() == text and path.stat().st_mode & 0o004:
             return
     except OSError:
         pass
@@ -241,4 +241,5 @@ def _write_if_changed(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        os.fchmod(f.fileno(), 0o644)  # read inside by Lambda's user (mkstemp makes it 0600)
     os.replace(tmp, path)
