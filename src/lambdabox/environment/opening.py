@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import sys
@@ -83,7 +84,7 @@ async def open_environment(
                 network=options.private_network,
             )
         )
-        runtime = await asyncio.to_thread(  # the first use of a runtime installs its client
+        resolve = functools.partial(
             resolve_runtime,
             config.runtime,
             task_root=isolation.path("/var/task"),
@@ -93,6 +94,11 @@ async def open_environment(
             host_task_root=str(staged.task),
             host_opt_root=str(staged.opt),
         )
+        # The first use of a runtime installs its client. With namespaces, the runtime is at /var/lang and
+        # /var/runtime as in Lambda; where those cannot be shown, at its host paths (which are visible too).
+        runtime = await asyncio.to_thread(resolve, lambda_layout=isolation.namespaced)
+        if isolation.namespaced and not isolation.show_runtime(runtime.lang, runtime.runtime_dir):
+            runtime = await asyncio.to_thread(resolve, lambda_layout=False)
         netns = isolation.sockets
         router = Router()
         server = await stack.enter_async_context(open_http_server(router))

@@ -358,17 +358,21 @@ class Environment:
     # ---- environment variables --------------------------------------------------------------------------------
 
     def _function_env(self, initialization_type: str) -> dict[str, str]:
+        lambda_paths = self.isolation.namespaced  # /var/lang and /var/runtime there, PATH exactly Lambda's
         return function_environment(
             self.config,
             runtime_api=self.runtime_api,
             task_root=self.isolation.path("/var/task"),
-            runtime_dir=str(runtime_dir_for(self.config.runtime, self.options.cache_dir)),
+            runtime_dir="/var/runtime"
+            if lambda_paths
+            else str(runtime_dir_for(self.config.runtime, self.options.cache_dir)),
             initialization_type=initialization_type,
             log_stream=self.log_stream,
             credentials=host_credentials(),
+            base_path="" if lambda_paths else None,
             opt_root=self.isolation.path("/opt"),
             runtime_env=self._runtime.env,
-            path_prefix=self._runtime.path_prefix,
+            path_prefix=("/var/lang/bin",) if lambda_paths and self._runtime.lang else self._runtime.path_prefix,
         )
 
     def _extension_env(self) -> dict[str, str]:

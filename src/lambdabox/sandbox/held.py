@@ -122,13 +122,28 @@ class Holder:
             raise OSError("the environment's holder made no socket")
         return socket.socket(fileno=fds[0])
 
+    def show(self, source: str, target: str) -> None:
+        """Show the directory ``source`` read-only at ``target`` (/var/lang or /var/runtime) inside."""
+        reply = self._ask({"show": [source, target]})
+        if reply is None or "shown" not in reply:
+            raise OSError(reply["error"] if reply else "the environment's holder is gone")
+
+    def _ask(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """One request and its answer over the socket for requests that do not wait for the event loop."""
+        with self._sockets_lock:
+            if self._closed:
+                return None
+            self._sockets.settimeout(DEADLINE_S)
+            protocol.send(self._sockets, message)
+            reply, fds = protocol.receive(self._sockets)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
     def kill_all(self) -> None:
         """Have init SIGKILL every other process of the PID namespace (kill(-1) from init), orphans included."""
-        with self._sockets_lock, contextlib.suppress(OSError, TimeoutError):
-            if not self._closed:
-                self._sockets.settimeout(DEADLINE_S)
-                protocol.send(self._sockets, {"kill": int(signal.SIGKILL)})  # (marshal: no enums)
-                protocol.receive(self._sockets)
+        with contextlib.suppress(OSError, TimeoutError):
+            self._ask({"kill": int(signal.SIGKILL)})  # (marshal: no enums)
 
     async def first(self) -> tuple[dict[str, Any], list[int]]:
         """The next message of the holder's start-up: ``init``, then ``ready`` or ``error``."""

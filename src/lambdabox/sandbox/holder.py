@@ -16,6 +16,8 @@ socket (the first argument; the second is the socket for :meth:`Holder.socket`),
 - ``{"spawn": id, "argv", "env", "cwd", "fds": [targets]}`` with one descriptor per target: answered
   ``{"spawned": id, "pid": <pid inside>}`` with a pidfd of the process, or ``{"spawned": id, "error": "..."}``;
 - ``{"socket": [family, type, proto]}``: answered ``{"socket": true}`` with a new socket of the network namespace;
+- ``{"show": [source, target]}``: a directory shown read-only at /var/lang or /var/runtime, answered ``{"shown": true}``
+  or ``{"error": "..."}``; ``{"kill": signal}``: to every other process of the PID namespace, answered ``{"killed"}``;
 - init sends ``{"exited": <pid inside>, "status": <wait status>}`` for each process it started, when it ends.
 When the control socket closes (lambdabox is done, or gone), init exits and the kernel kills every process left in
 the PID namespace. The holder also dies with its parent (PR_SET_PDEATHSIG), and init with the holder.
@@ -203,6 +205,13 @@ class _Init:
                 send(channel, {"socket": True}, [made.fileno()])
             finally:
                 made.close()
+        elif "show" in message:
+            source, target = message["show"]
+            try:
+                rootfs.show(source, target)
+                send(channel, {"shown": True})
+            except OSError as error:
+                send(channel, {"error": f"cannot show {source} at {target}: {error.strerror or error}"})
         elif "kill" in message:
             try:  # noqa: SIM105 (contextlib is not imported here)
                 os.kill(-1, message["kill"])  # from init: every other process of the PID namespace

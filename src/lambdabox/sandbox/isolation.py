@@ -73,6 +73,24 @@ class Isolation:
         return self._namespace.net_path
 
     @property
+    def namespaced(self) -> bool:
+        """Whether the environment has its namespaces (Lambda's paths, user and filesystem)."""
+        return self._namespace.active
+
+    def show_runtime(self, lang: str | None, runtime: str | None) -> bool:
+        """Show the runtime's interpreter directory at /var/lang and its runtime client at /var/runtime, as Lambda
+        has them (only with namespaces); whether they are shown."""
+        if (holder := self._namespace.holder) is None:
+            return False
+        try:
+            for source, target in ((lang, "/var/lang"), (runtime, "/var/runtime")):
+                if source is not None:
+                    holder.show(source, target)
+        except OSError:
+            return False
+        return True
+
+    @property
     def sockets(self) -> Holder | None:
         """What makes sockets inside the environment's network namespace (``sockets.socket()``), None without one."""
         return self._namespace.holder if self._namespace.net_path is not None else None

@@ -38,7 +38,7 @@ def build(fs: dict[str, Any], sources: list[int]) -> None:
             _make(f"{root}{directory}/{name}", is_dir)
             _bind(_fd(sources, source), f"{root}{directory}/{name}")
     ours: set[str] = set()  # directories on a tmpfs of the build's own
-    for point in ("/var/task", "/opt", "/tmp", "/dev", "/proc"):
+    for point in ("/var/task", "/var/lang", "/var/runtime", "/opt", "/tmp", "/dev", "/proc"):
         _ensure(root, point, is_dir=True, ours=ours)
     for source, target, read_only, is_dir in fs["binds"]:
         _ensure(root, target, is_dir=is_dir, ours=ours)
@@ -59,6 +59,12 @@ def build(fs: dict[str, Any], sources: list[int]) -> None:
     syscalls.pivot_root(".", ".")  # the old root ends up on top of the new one, at the same place
     syscalls.umount(".", syscalls.MNT_DETACH)
     os.chdir("/")
+
+
+def show(source: str, target: str) -> None:
+    """Once built (and become the root), show the directory ``source`` (a path inside) read-only at ``target``, one
+    of the empty mount points (/var/lang, /var/runtime)."""
+    _bind(source, target, read_only=True)
 
 
 def _fd(sources: list[int], index: int) -> str:

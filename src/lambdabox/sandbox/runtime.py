@@ -4,6 +4,7 @@ client it runs (awslambdaric as python_runtime installs it, aws-lambda-ric from 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -42,6 +43,8 @@ class RuntimeCommand:
     env: Mapping[str, str]  # runtime-specific variables to add (PYTHONPATH, NODE_PATH, AWS_EXECUTION_ENV)
     telemetry_fd: bool  # True when the runtime writes awslambdaric's framed log descriptor
     path_prefix: tuple[str, ...] = field(default=())
+    lang: str | None = None  # the host directory that is Lambda's /var/lang (its bin/ holds the interpreter)
+    runtime_dir: str | None = None  # the host directory that is Lambda's /var/runtime (the runtime client)
 
 
 def runtime_dir_for(runtime: str, cache_dir: Path) -> Path:
@@ -60,17 +63,23 @@ def resolve_runtime(
     cache_dir: Path,
     host_task_root: str | None = None,
     host_opt_root: str | None = None,
+    lambda_layout: bool = False,
 ) -> RuntimeCommand:
     """The command that starts ``runtime``, installing its runtime client into ``cache_dir`` on first use.
 
     ``task_root`` and ``opt_root`` are the paths the function sees (/var/task and /opt, or host
     directories when there is no mount namespace); ``host_task_root`` and ``host_opt_root`` are where
-    lambdabox finds the same files (default: the same paths); ``wrapper`` is AWS_LAMBDA_EXEC_WRAPPER.
+    lambdabox finds the same files (default: the same paths); ``wrapper`` is AWS_LAMBDA_EXEC_WRAPPER;
+    ``lambda_layout``: the environment shows the runtime's interpreter at /var/lang and its client at /var/runtime
+    (``RuntimeCommand.lang`` and ``runtime_dir``), so the command names them there.
     """
+    runtime_root = "/var/runtime" if lambda_layout else None
     if runtime in PYTHON_RUNTIMES:
-        cmd = _python_command(runtime, int(runtime.removeprefix("python3.")), task_root, opt_root, cache_dir)
+        minor = int(runtime.removeprefix("python3."))
+        cmd = _python_command(runtime, minor, task_root, opt_root, cache_dir, runtime_root)
     elif runtime in NODEJS_RUNTIMES:
-        cmd = _node_command(runtime, int(runtime.removeprefix("nodejs").removesuffix(".x")), opt_root, cache_dir)
+        major = int(runtime.removeprefix("nodejs").removesuffix(".x"))
+        cmd = _node_command(runtime, major, opt_root, cache_dir, runtime_root)
     elif runtime in OS_ONLY_RUNTIMES:
         # Lambda does not apply AWS_LAMBDA_EXEC_WRAPPER to OS-only runtimes.
         host = (host_task_root or task_root, host_opt_root or opt_root)
@@ -81,7 +90,7 @@ def resolve_runtime(
         raise _unsupported(runtime)
     if wrapper:
         argv = (_lambda_path(wrapper, task_root=task_root, opt_root=opt_root), *cmd.argv)
-        cmd = RuntimeCommand(argv=argv, env=cmd.env, telemetry_fd=cmd.telemetry_fd, path_prefix=cmd.path_prefix)
+        cmd = dataclasses.replace(cmd, argv=argv)
     return cmd
 
 
@@ -121,20 +130,25 @@ def _find_bootstrap(runtime: str, task_root: str, opt_root: str) -> str:
 # ------------------------------------------------------------------------------------------------ python
 
 
-def _python_command(runtime: str, minor: int, task_root: str, opt_root: str, cache_dir: Path) -> RuntimeCommand:
+def _python_command(
+    runtime: str, minor: int, task_root: str, opt_root: str, cache_dir: Path, runtime_root: str | None
+) -> RuntimeCommand:
     runtime_dir = runtime_dir_for(runtime, cache_dir)
     interpreter = ensure_python_runtime(runtime, minor, runtime_dir, cache_dir)
     pythonpath = [
         task_root,
         f"{opt_root}/python",
         f"{opt_root}/python/lib/{runtime}/site-packages",
-        str(runtime_dir),
+        runtime_root or str(runtime_dir),
     ]
+    seen = f"/var/lang/bin/{interpreter.name}" if runtime_root else str(interpreter)
     return RuntimeCommand(
-        argv=(str(interpreter), str(PYTHON_BOOTSTRAP)),
+        argv=(seen, str(PYTHON_BOOTSTRAP)),
         env={"PYTHONPATH": ":".join(pythonpath), "AWS_EXECUTION_ENV": f"AWS_Lambda_{runtime}"},
         telemetry_fd=True,
         path_prefix=(str(interpreter.parent),),
+        lang=str(interpreter.parent.parent),  # the runtime's venv: bin/python3.x, and its pyvenv.cfg
+        runtime_dir=str(runtime_dir),
     )
 
 
@@ -197,7 +211,7 @@ if (typeof ric.run === "function") {{
 """
 
 
-def _node_command(runtime: str, major: int, opt_root: str, cache_dir: Path) -> RuntimeCommand:
+def _node_command(runtime: str, major: int, opt_root: str, cache_dir: Path, runtime_root: str | None) -> RuntimeCommand:
     node = shutil.which("node")
     if node is None:
         raise ConfigError(f"runtime {runtime} needs a local node on PATH")
@@ -217,17 +231,22 @@ def _node_command(runtime: str, major: int, opt_root: str, cache_dir: Path) -> R
                 bin=json.dumps(bin_script.as_uri()),
             ),
         )
+    seen_runtime = runtime_root or str(runtime_dir)
+    if entry.parent == runtime_dir:
+        entry = Path(seen_runtime) / entry.name
     node_path = [
         f"{opt_root}/nodejs/node{major}/node_modules",
         f"{opt_root}/nodejs/node_modules",
-        f"{runtime_dir}/node_modules",
+        f"{seen_runtime}/node_modules",
     ]
     return RuntimeCommand(
-        argv=(node, str(entry)),
+        argv=("/var/lang/bin/node" if runtime_root else node, str(entry)),
         env={"NODE_PATH": ":".join(node_path), "AWS_EXECUTION_ENV": f"AWS_Lambda_{runtime}"},
         telemetry_fd=True,  # both major versions write the same 0xA55A0003 frames to _LAMBDA_TELEMETRY_LOG_FD
         # Lambda's /var/lang/bin; not when node is already in a directory of Lambda's PATH.
         path_prefix=() if os.path.dirname(node) in _LAMBDA_PATH_DIRS else (os.path.dirname(node),),
+        lang=os.path.dirname(os.path.dirname(os.path.realpath(node))),  # its bin/node
+        runtime_dir=str(runtime_dir),
     )
 
 
