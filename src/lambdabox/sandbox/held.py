@@ -83,6 +83,7 @@ class Holder:
         self._ids = itertools.count(1)
         self._replies: dict[str, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
         self._processes: dict[int, HeldProcess] = {}  # by pid inside
+        self._host_pids: dict[int, int] = {}  # by spawn request, from the process's own message
         self._closed = False
         self._start: asyncio.Queue[tuple[dict[str, Any], list[int]]] = asyncio.Queue()
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -186,16 +187,18 @@ class Holder:
             if (process := self._processes.pop(message["exited"], None)) is not None:
                 process._exit(os.waitstatus_to_exitcode(message["status"]))
             return
+        if "started" in message:  # from the new process itself, so "sender" is its host pid
+            self._host_pids[message["started"]] = message["sender"]
+            return
         if "spawned" not in message:
             self._start.put_nowait((message, fds))
             return
-        if "pid" in message:  # known before its exit can be read (the next message, perhaps in this same turn)
-            try:
-                process = self._processes[message["pid"]] = HeldProcess(_pidfd_pid(fds[0]))
-            finally:
-                for fd in fds:
-                    os.close(fd)
+        host_pid = self._host_pids.pop(message["spawned"], None)
+        if "pid" in message and host_pid is not None:  # known before its exit can be read (the next message)
+            process = self._processes[message["pid"]] = HeldProcess(host_pid)
             message = {**message, "process": process}
+        elif "pid" in message:
+            message = {"spawned": message["spawned"], "error": "the holder did not say its pid"}
         waiter = self._replies.get(f"spawned:{message['spawned']}")
         if waiter is not None and not waiter.done():  # (else its caller gave up)
             waiter.set_result((message, []))
@@ -253,6 +256,7 @@ async def start_holder(
                 start_new_session=True,  # Ctrl-C in a terminal is lambdabox's to handle
             )
         control.setblocking(False)
+        control.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each new process's host pid
         holder = Holder(process, control, sockets)
         message = {**config, "parent": os.getpid(), "cgroups": len(cgroup_fds)}
         protocol.send(control, message, cgroup_fds)
@@ -261,13 +265,16 @@ async def start_holder(
             raise SandboxError(message.get("error", f"unexpected {message}"))
         ids.write(process.pid)
         protocol.send(control, {"mapped": True})
-        message, _ = await holder.first()
-        if "init" not in message:
-            raise SandboxError(message.get("error", f"unexpected {message}"))
-        holder.init_pid = message["init"]
-        message, fds = await holder.first()
-        if "ready" not in message:
-            raise SandboxError(message.get("error", f"unexpected {message}"))
+        ready: list[int] | None = None
+        while holder.init_pid is None or ready is None:  # the holder says init, and init ready: two processes,
+            message, passed = await holder.first()  # so in either order
+            if "init" in message:
+                holder.init_pid = message["init"]
+            elif "ready" in message:
+                ready = passed
+            else:
+                raise SandboxError(message.get("error", f"unexpected {message}"))
+        fds = ready
     except BaseException as error:
         if holder is not None:
             with contextlib.suppress(Exception):
@@ -290,12 +297,3 @@ async def start_holder(
 async def _first_of(*futures: asyncio.Future[Any]) -> None:
     """Wait until one of ``futures`` is done, at most DEADLINE_S."""
     await asyncio.wait(set(futures), timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED)
-
-
-def _pidfd_pid(pidfd: int) -> int:
-    """The host pid of the process a pidfd refers to (its fdinfo, read in lambdabox's PID namespace)."""
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                return int(line.split()[1])
-    raise OSError(f"no pid in the fdinfo of pidfd {pidfd}")

@@ -14,7 +14,8 @@ socket (the first argument; the second is the socket for :meth:`Holder.socket`),
   then, from init, ``{"ready": true}`` (with the Runtime
   API's listening socket, made inside the network namespace) or ``{"error": "..."}``;
 - ``{"spawn": id, "argv", "env", "cwd", "fds": [targets]}`` with one descriptor per target: answered
-  ``{"spawned": id, "pid": <pid inside>}`` with a pidfd of the process, or ``{"spawned": id, "error": "..."}``;
+  first ``{"started": id}`` from the new process itself (lambdabox's socket passes credentials, so it learns the
+  host pid), then ``{"spawned": id, "pid": <pid inside>}``, or ``{"spawned": id, "error": "..."}``;
 - ``{"socket": [family, type, proto]}``: answered ``{"socket": true}`` with a new socket of the network namespace;
 - ``{"show": [source, target]}``: a directory shown read-only at /var/lang or /var/runtime, answered ``{"shown": true}``
   or ``{"error": "..."}``; ``{"kill": signal}``: to every other process of the PID namespace, answered ``{"killed"}``;
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 else:
     import _signal as signal
 
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 16
 NOFILE = 1024  # Lambda's limit on a process's open files (Lambda quotas page)
@@ -57,20 +59,25 @@ def send(control: socket.socket, message: dict[str, Any], fds: list[int] | None 
 
 
 def receive(control: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """One message and its descriptors (close-on-exec); None at end of file."""
-    data, ancillary, _flags, _address = control.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-    )
+    """One message and its descriptors (close-on-exec); None at end of file. Where the receiving socket passes
+    credentials (SO_PASSCRED), the message gets ``"sender"``: the sending process's pid, as the receiver sees it."""
+    space = socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(_UCRED.size)
+    data, ancillary, _flags, _address = control.recvmsg(MAX_MESSAGE, space, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
+    sender: int | None = None
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             count = len(payload) // 4
             fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            sender = _UCRED.unpack(payload[: _UCRED.size])[0]
     if not data:
         for fd in fds:
             os.close(fd)
         return None, []
     message: dict[str, Any] = marshal.loads(data)
+    if sender is not None:
+        message["sender"] = sender
     return message, fds
 
 
@@ -226,11 +233,7 @@ class _Init:
                 send(self.control, {"spawned": ident, "error": f"{error.strerror or error}: {message['argv'][0]}"})
                 return
             self.started.add(pid)
-            pidfd = os.pidfd_open(pid)
-            try:
-                send(self.control, {"spawned": ident, "pid": pid}, [pidfd])
-            finally:
-                os.close(pidfd)
+            send(self.control, {"spawned": ident, "pid": pid})
 
     def _spawn(self, message: dict[str, Any], fds: list[int]) -> int:
         """Fork and exec; an OSError the child met before exec is raised here (the child is reaped later)."""
@@ -262,6 +265,9 @@ class _Init:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in self.cgroup_fds:
             os.write(fd, b"0")  # 0: the writing process
+        # Its pid as lambdabox sees it: the kernel puts the sender's into a message to a socket that passes
+        # credentials, translated into the receiver's PID namespace (before init's answer, and before any exit).
+        send(self.control, {"started": message["spawn"]})
         os.setsid()
         high = [_dup_high(fd) for fd in fds]  # out of the way of every target
         devnull = os.open("/dev/null", os.O_RDWR)

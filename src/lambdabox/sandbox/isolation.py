@@ -124,7 +124,7 @@ class Isolation:
         return self._namespace.path(lambda_path)
 
     def register(self, pid: int) -> None:
-        """Track a process started with ``command()`` (needed in degraded mode, harmless otherwise)."""
+        """Track a started process (needed without cgroups, harmless otherwise)."""
         self._registered.add(pid)
 
     def pids(self) -> list[int]:
@@ -178,7 +178,7 @@ class Isolation:
     async def kill_all(self) -> None:
         """SIGKILL everything in the environment and wait (bounded) until none is left.
 
-        A process whose ``command()`` prefix has not joined the cgroups yet is not seen here (the
+        A process that has not joined the cgroups yet (started without a holder) is not seen here (the
         teardown catches it); do not spawn while this runs.
         """
         if (holder := self._namespace.holder) is not None:

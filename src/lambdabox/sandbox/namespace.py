@@ -148,21 +148,26 @@ class Namespace:
             self.net_why = why
             return why
         self.files_dir = files = Path(tempfile.mkdtemp(prefix="lambdabox-env-"))
-        self.net_why = None if self.network else "network=False"
-        if self.net_why is None:
-            address = outbound_module.HOST_ADDRESS if outbound else None
-            _write_etc(files, address, outbound_module.DNS_ADDRESS if outbound else None)
-        else:
-            _write_etc(files, "127.0.0.1", None)  # the host's network: the machine is at its own loopback
         os.chmod(files, 0o711)  # the holder's init, Lambda's user outside, reaches root/ in it (nothing else)
         (files / "root").mkdir(mode=0o755)
         ids = _id_map()
-        try:
-            config = self._config(files, ids)
-            self.holder, fds = await start_holder(config, cgroup_procs, ids, files / "holder.log")
-        except (SandboxError, OSError) as error:
-            self.net_why = f"namespace setup failed: {error}"
-            return self.net_why
+        self.net_why = None if self.network else "network=False"
+        while True:
+            if self.net_why is None:
+                address = outbound_module.HOST_ADDRESS if outbound else None
+                _write_etc(files, address, outbound_module.DNS_ADDRESS if outbound else None)
+            else:
+                _write_etc(files, "127.0.0.1", None)  # the host's network: the machine is at its own loopback
+            try:
+                config = self._config(files, ids)
+                self.holder, fds = await start_holder(config, cgroup_procs, ids, files / "holder.log")
+                break
+            except (SandboxError, OSError) as error:
+                why = f"namespace setup failed: {error}"
+                if self.net_why is not None:
+                    self.net_why = why
+                    return why
+                self.net_why = why  # try again without a network namespace
         if fds:
             self.listener = socket.socket(fileno=fds[0])
             self.listener.setblocking(False)
