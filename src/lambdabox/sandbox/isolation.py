@@ -254,7 +254,7 @@ class Isolation:
             self._sampler.cancel()
         try:
             await self.kill_all()
-        except (SandboxError, OSError) as e:
+        except Exception as e:  # any failure is told, and the steps below still run
             problems.append(str(e))
         if self._cgroups is not None:
             self._cgroups.close()
