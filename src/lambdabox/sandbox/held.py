@@ -113,38 +113,31 @@ class Holder:
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
         """A new socket in the environment's network namespace."""
-        with self._sockets_lock:
-            if self._closed:
-                raise OSError("the environment's holder is gone")
-            self._sockets.settimeout(DEADLINE_S)
-            protocol.send(self._sockets, {"socket": [int(family), int(type), int(proto)]})
-            reply, fds = protocol.receive(self._sockets)
+        reply, fds = self._ask({"socket": [int(family), int(type), int(proto)]})  # (marshal: no enums)
         if reply is None or not fds:
             raise OSError("the environment's holder made no socket")
         return socket.socket(fileno=fds[0])
 
     def show(self, source: str, target: str) -> None:
         """Show the directory ``source`` read-only at ``target`` (/var/lang or /var/runtime) inside."""
-        reply = self._ask({"show": [source, target]})
+        reply, _ = self._ask({"show": [source, target]})
         if reply is None or "shown" not in reply:
             raise OSError(reply["error"] if reply else "the environment's holder is gone")
 
-    def _ask(self, message: dict[str, Any]) -> dict[str, Any] | None:
-        """One request and its answer over the socket for requests that do not wait for the event loop."""
+    def _ask(self, message: dict[str, Any]) -> tuple[dict[str, Any] | None, list[int]]:
+        """One request and its answer (and the descriptors passed with it) over the socket for requests that do
+        not wait for the event loop; None once the holder is closed."""
         with self._sockets_lock:
             if self._closed:
-                return None
+                return None, []
             self._sockets.settimeout(DEADLINE_S)
             protocol.send(self._sockets, message)
-            reply, fds = protocol.receive(self._sockets)
-        for fd in fds:
-            os.close(fd)
-        return reply
+            return protocol.receive(self._sockets)
 
     def kill_all(self) -> None:
         """Have init SIGKILL every other process of the PID namespace (kill(-1) from init), orphans included."""
         with contextlib.suppress(OSError, TimeoutError):
-            self._ask({"kill": int(signal.SIGKILL)})  # (marshal: no enums)
+            self._ask({"kill": int(signal.SIGKILL)})
 
     async def first(self) -> tuple[dict[str, Any], list[int]]:
         """The next message of the holder's start-up: ``init``, then ``ready`` or ``error``."""

@@ -139,15 +139,15 @@ def _init(control: socket.socket, sockets: socket.socket, config: dict[str, Any]
         rootfs.build(config["fs"], sources)
         for fd in sources:
             os.close(fd)
-        fds = []
-        if (api := config.get("api")) is not None:
+        listeners = []
+        if (api := config.get("api")) is not None:  # the Runtime API's, handed to lambdabox
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((api[0], api[1]))
             listener.listen(128)
-            fds.append(listener.fileno())
-        send(control, {"ready": True}, fds)
-        for fd in fds:
+            listeners.append(listener.fileno())
+        send(control, {"ready": True}, listeners)
+        for fd in listeners:
             os.close(fd)
     except Exception as error:
         send(control, {"error": f"cannot build the environment: {error}"})
