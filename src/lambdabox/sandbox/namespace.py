@@ -37,7 +37,8 @@ class Layout:
     task: Path  # appears at /var/task (read-only, as in Lambda)
     opt: Path  # appears at /opt (read-only, as in Lambda)
     tmp: Path  # /tmp where the environment has no namespaces (with them, /tmp is a tmpfs of its own)
-    keep: Sequence[Path] = ()  # host paths that stay visible inside at the same path (under /tmp or /opt)
+    keep: Sequence[Path] = ()  # host paths the processes need: visible inside at the same path (under /tmp and
+    # /opt too) and reachable by Lambda's user (the directories on the way it may not enter show only those)
     tmp_mb: int = 512  # the size of /tmp (EphemeralStorage)
 
 
