@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -101,3 +102,39 @@ def test_custom_runtime_bootstrap(tmp_path: Path, recorder: Recorder, where: str
     assert json.loads(first.outcome.body) == {"echo": {"n": 1}}
     assert json.loads(second.outcome.body) == {"echo": {"n": 2}}
     assert "bootstrap started for my.handler" in recorder.lines("runtime")
+
+
+TUTORIAL_BOOTSTRAP = b"""#!/bin/sh
+set -euo pipefail
+# The bootstrap of Lambda's custom runtime tutorial, as written there: /bin/sh is bash on Amazon Linux.
+source $LAMBDA_TASK_ROOT/"$(echo $_HANDLER | cut -d. -f1).sh"
+while true
+do
+  HEADERS="$(mktemp)"
+  EVENT_DATA=$(curl -sS -LD "$HEADERS" "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/next")
+  REQUEST_ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$HEADERS" | tr -d '[:space:]' | cut -d: -f2)
+  RESPONSE=$($(echo "$_HANDLER" | cut -d. -f2) "$EVENT_DATA")
+  curl -sS "http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime/invocation/$REQUEST_ID/response" -d "$RESPONSE"
+done
+"""
+TUTORIAL_FUNCTION = b"""function handler () {
+  EVENT_DATA=$1
+  echo "{\\"statusCode\\": 200, \\"body\\": \\"Hello from Lambda! $(id -un)\\"}"
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the tutorial's bootstrap needs curl")
+def test_the_custom_runtime_tutorials_bash_bootstrap_runs_as_written(tmp_path: Path, recorder: Recorder) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "bootstrap").write_bytes(TUTORIAL_BOOTSTRAP)
+    (code / "bootstrap").chmod(0o755)
+    (code / "function.sh").write_bytes(TUTORIAL_FUNCTION)
+    config = FunctionConfig("Tutorial", "Tutorial", "provided.al2023", "function.handler", code)
+    (result,) = invoke_all(config, [{}], recorder)
+    assert isinstance(result.outcome, Response), result.outcome
+    answer = json.loads(result.outcome.body)
+    assert answer["statusCode"] == 200 and answer["body"].startswith("Hello from Lambda! ")
+    if os.geteuid() == 0:  # in the sandbox (the suite runs as root): Lambda's user
+        assert answer["body"] == "Hello from Lambda! sbx_user1051"
