@@ -1,4 +1,4 @@
-"""Owns the Linux system calls Python 3.11's ``os`` lacks (setns, unshare, mount, umount2, mount_setattr,
+"""Owns the Linux system calls Python 3.11's ``os`` lacks (unshare, mount, umount2, mount_setattr,
 pivot_root, prctl), through libc, each raising OSError with the call and its target named; stdlib only (the holder
 imports it)."""
 
@@ -35,11 +35,6 @@ def _check(result: int, what: str) -> None:
     if result != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"{what}: {os.strerror(error)}")
-
-
-def setns(fd: int, nstype: int) -> None:
-    """setns(2): the calling thread enters the namespace open at ``fd``."""
-    _check(_libc.setns(fd, nstype), "setns")
 
 
 def unshare(flags: int) -> None:
