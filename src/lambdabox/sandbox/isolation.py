@@ -21,9 +21,9 @@ from lambdabox.core.errors import SandboxError
 from lambdabox.loop import open_task_group
 from lambdabox.sandbox import outbound
 from lambdabox.sandbox.cgroups import Cgroups, make_cgroups
-from lambdabox.sandbox.held import TELEMETRY_TARGET, Holder
+from lambdabox.sandbox.held import Holder
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
-from lambdabox.sandbox.processes import TELEMETRY_FD_ENV, Child, spawn_here
+from lambdabox.sandbox.processes import Child, spawn_here
 
 SAMPLE_EVERY_S = 0.01
 
@@ -107,7 +107,6 @@ class Isolation:
         pipe) on the descriptors given: through the holder, or where there is none, as a child of lambdabox's own
         that joins the cgroups first."""
         if self._namespace.active:
-            env = dict(env) if telemetry is None else {**env, TELEMETRY_FD_ENV: str(TELEMETRY_TARGET)}
             return await self._namespace.spawn(argv, env, "/var/task", stdout, stderr, telemetry)
         return await spawn_here(self._command(argv), env, stdout, stderr, telemetry, cwd=self.path("/var/task"))
 

@@ -5,12 +5,13 @@ passwd, group)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lambdabox.core.errors import SandboxError
 from lambdabox.sandbox import outbound as outbound_module
 from lambdabox.sandbox import seccomp
 from lambdabox.sandbox.held import TELEMETRY_TARGET, HeldProcess, Holder, IdMap, start_holder
+from lambdabox.sandbox.processes import TELEMETRY_FD_ENV
 
 DEADLINE_S = 5.0
 """Bound on every wait: namespaces made, FROZEN/THAWED, cgroup empty."""
@@ -78,6 +80,12 @@ def _traversable(st: os.stat_result, uid: int, gid: int) -> bool:
     if st.st_gid == gid:
         return bool(st.st_mode & 0o010)
     return bool(st.st_mode & 0o001)
+
+
+@functools.cache
+def _seccomp_program() -> bytes:
+    """The seccomp filter for this machine, assembled once per process."""
+    return seccomp.program()
 
 
 def _probe_namespace() -> str | None:
@@ -199,7 +207,7 @@ class Namespace:
             "uid": ids.uid,
             "gid": ids.gid,
             "api": list(RUNTIME_API_ADDRESS) if self.net_why is None else None,
-            "seccomp": seccomp.program(),
+            "seccomp": _seccomp_program(),
             "sources": sources,
             "fs": {
                 "root": str(files / "root"),
@@ -216,13 +224,15 @@ class Namespace:
         }
 
     async def spawn(
-        self, argv: Sequence[str], env: dict[str, str], cwd: str, stdout: int, stderr: int, telemetry: int | None
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout: int, stderr: int, telemetry: int | None
     ) -> HeldProcess:
-        """Start ``argv`` in the environment through its holder, its output on the descriptors given."""
+        """Start ``argv`` in the environment through its holder, its output on the descriptors given (awslambdaric's
+        telemetry pipe at TELEMETRY_TARGET, which _LAMBDA_TELEMETRY_LOG_FD then names)."""
         assert self.holder is not None
         fds = {1: stdout, 2: stderr}
         if telemetry is not None:
             fds[TELEMETRY_TARGET] = telemetry
+            env = {**env, TELEMETRY_FD_ENV: str(TELEMETRY_TARGET)}
         return await self.holder.spawn(argv, env, cwd, fds)
 
     async def close(self) -> None:
