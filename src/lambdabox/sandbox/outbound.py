@@ -1,40 +1,23 @@
 """Owns an environment's outbound network: slirp4netns, a user-mode network stack that gives the environment's
 network namespace an interface (tap0, 10.0.2.100/24, default route through 10.0.2.2) whose connections leave
-through ordinary sockets of the host, as a function in Lambda reaches the internet, and 10.0.2.3 answers DNS with
-the host's resolver. The host's loopback is out of reach (``--disable-host-loopback``): lambdabox's own Invoke API
-and whatever else listens only there stay the host's. ``host.lambdabox.internal`` names the host's own address on
-its outbound route instead, as ``host.docker.internal`` (host-gateway) does for a container on Linux: a service
-the user means an environment to reach listens there or on 0.0.0.0."""
+through ordinary sockets of the host, as a function in Lambda reaches the internet. The host's own loopback is at
+10.0.2.2 (``host.lambdabox.internal``), and 10.0.2.3 answers DNS with the host's resolver."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import shutil
-import socket
 from pathlib import Path
 
 DEADLINE_S = 5.0
 """Bound on every wait: the interface configured, slirp4netns gone."""
+HOST_ADDRESS = "10.0.2.2"
 DNS_ADDRESS = "10.0.2.3"
 HOST_NAMES = ("host.lambdabox.internal", "host.docker.internal")
 """Names of the machine lambdabox runs on, as seen from an environment (the second one as ``sam local`` users
 know it from Docker)."""
-
-
-@functools.cache
-def host_address() -> str | None:
-    """The host's IPv4 address that its connections to the internet leave from (no packet is sent: a UDP socket's
-    connect only chooses the route), or None where it has no route but its loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
-        try:
-            probe_socket.connect(("198.51.100.1", 9))  # TEST-NET-2 (RFC 5737): any address off the host would do
-        except OSError:
-            return None
-        address: str = probe_socket.getsockname()[0]
-    return None if address.startswith("127.") else address
 
 
 def probe() -> str | None:
@@ -59,8 +42,7 @@ class Outbound:
         interface; None, or why it could not be had. slirp4netns writes what it has to say to ``log``."""
         ready_r, ready_w = os.pipe()
         exit_r, self._exit_w = os.pipe()
-        argv = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback"]
-        argv += [f"--ready-fd={ready_w}", f"--exit-fd={exit_r}"]
+        argv = ["slirp4netns", "--configure", "--mtu=65520", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}"]
         try:
             with log.open("ab") as out:
                 self._process = await asyncio.create_subprocess_exec(
