@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import psutil
@@ -15,8 +16,11 @@ from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult, TelemetryEvent
+from lambdabox.sandbox import runtime as runtime_module
 from lambdabox.sandbox.isolation import Isolation
-from support import Recorder, make_function, run
+from lambdabox.sandbox.python_runtime import ensure_python_runtime
+from lambdabox.sandbox.runtime import runtime_dir_for
+from support import PYTHON, Recorder, make_function, run
 
 
 def invoke_all(config, payloads, recorder=None, options=None) -> list[InvokeResult]:
@@ -46,6 +50,28 @@ def test_cold_then_warm_invoke_with_no_extensions(tmp_path: Path, recorder: Reco
         "platform.start", "platform.runtimeDone", "platform.report",
     ]  # fmt: skip
     assert "module loaded" in recorder.lines("runtime")
+
+
+def test_a_runtime_installed_while_its_first_environment_is_made_is_seen_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a fresh machine the runtime's cache does not exist yet when the first environment's filesystem is built:
+    its first use installs it there (here: a copy of the installed one) once the environment is being made."""
+    installed = Options().cache_dir
+    minor = int(PYTHON.removeprefix("python3."))
+    ensure_python_runtime(PYTHON, minor, runtime_dir_for(PYTHON, installed), installed)  # (installed once)
+    fresh = tmp_path / "home" / "cache"
+
+    def install(runtime: str, minor: int, runtime_dir: Path, cache_dir: Path) -> Path:
+        assert cache_dir == fresh
+        for part in ("lang", "runtime"):
+            if not (cache_dir / part / runtime).exists():
+                shutil.copytree(installed / part / runtime, cache_dir / part / runtime, symlinks=True)
+        return ensure_python_runtime(runtime, minor, runtime_dir, cache_dir)
+
+    monkeypatch.setattr(runtime_module, "ensure_python_runtime", install)
+    (result,) = invoke_all(make_function(tmp_path), [{"n": 1}], options=Options(cache_dir=fresh))
+    assert body(result) == {"ok": True, "event": {"n": 1}}
 
 
 def test_extensions_get_invoke_and_shutdown_in_order(tmp_path: Path, recorder: Recorder) -> None:

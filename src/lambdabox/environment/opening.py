@@ -164,6 +164,9 @@ async def _serve(server: HttpServer, netns: Holder | None, isolation: Isolation)
 def _keep_paths(runtime: str, cache_dir: Path) -> tuple[Path, ...]:
     """Host paths the runtime needs inside the environment even if they lie under /tmp (the runtimes' cache,
     the interpreter, lambdabox's own bootstrap scripts, the Node.js runtime client)."""
+    # Made now: the environment shows only paths that exist when its filesystem is built, and a runtime's first use
+    # installs it into the cache afterwards (what is made inside the cache later is seen).
+    cache_dir.mkdir(parents=True, exist_ok=True)
     keep = {cache_dir, Path(sys.prefix), Path(sys.base_prefix), Path(lambdabox.__file__).parent}
     if runtime.startswith("nodejs"):
         with contextlib.suppress(ConfigError):  # resolve_runtime says what is missing
