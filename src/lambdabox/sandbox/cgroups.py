@@ -1,7 +1,8 @@
 """Owns an environment's cgroups, on whichever hierarchy the host has, behind one interface (:class:`Cgroups`):
 cgroup v2, one cgroup under lambdabox's own subtree (``memory.max`` with ``memory.swap.max`` 0, ``pids.max``,
-``memory.peak``, ``memory.events``, ``cgroup.freeze``, ``cgroup.kill``), or cgroup v1, a cgroup in each of the memory
-and freezer controllers. :func:`make_cgroups` finds which, makes them, or says exactly what the host lacks.
+``memory.peak``, ``memory.stat``, ``memory.events``, ``cgroup.freeze``, ``cgroup.kill``), or cgroup v1, a cgroup in
+each of the memory and freezer controllers. :func:`make_cgroups` finds which, makes them, or says exactly what the
+host lacks.
 
 As root the v2 subtree is /sys/fs/cgroup/lambdabox. Without root only cgroup v2 serves, through a delegated subtree
 (as ``systemd-run --user --scope -p Delegate=yes`` gives one): the cgroup lambdabox's own process is in (the ``0::``
@@ -41,10 +42,17 @@ class Cgroups(abc.ABC):
     """One environment's cgroups (one on v2, two on v1)."""
 
     hierarchy: str  # "v2" or "v1", for what lambdabox says about the host
+    mapped_file_key: str  # memory.stat's key for the mapped file pages charged to the cgroup (bytes)
+    _memory_dir_fd: int | None = None  # the memory cgroup's directory, kept open by memory_pids
 
     @abc.abstractmethod
     def paths(self) -> tuple[Path, ...]:
         """The cgroups a process joins (each one's ``cgroup.procs``), in the order it joins them."""
+
+    @property
+    @abc.abstractmethod
+    def memory_path(self) -> Path:
+        """The cgroup that counts the environment's memory."""
 
     @abc.abstractmethod
     def peak_memory_bytes(self) -> int:
@@ -74,6 +82,27 @@ class Cgroups(abc.ABC):
         """Every process in the cgroups."""
         return set().union(*(_read_pids(path) for path in self.paths()))
 
+    def memory_pids(self) -> frozenset[int]:
+        """The processes whose memory the cgroup counts, cheap enough for every invoke (a few µs): its
+        ``cgroup.procs`` opened afresh, relative to the cgroup's directory kept open (a ``cgroup.procs`` kept open
+        would not do: on cgroup v1 its rereads give the list of pids as it was when first read, for as long as it
+        is reread within a second)."""
+        if self._memory_dir_fd is None:
+            self._memory_dir_fd = os.open(self.memory_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open("cgroup.procs", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._memory_dir_fd)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 4096):  # a read gives at most a page of the list
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return frozenset(int(pid) for pid in b"".join(chunks).split())
+
+    def mapped_file_bytes(self) -> int:
+        """The file pages charged to the cgroup that some process maps, in bytes (memory.stat's ``file_mapped`` on
+        v2, ``mapped_file`` on v1; shared memory included)."""
+        return _key_value(self.memory_path / "memory.stat").get(self.mapped_file_key, 0)
+
     async def remove(self) -> list[str]:
         """Remove the cgroups (killing what is left in them); the problems met."""
         problems = []
@@ -89,6 +118,7 @@ class CgroupsV2(Cgroups):
     """One cgroup of the unified hierarchy."""
 
     hierarchy = "v2"
+    mapped_file_key = "file_mapped"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -99,6 +129,10 @@ class CgroupsV2(Cgroups):
 
     def paths(self) -> tuple[Path, ...]:
         return (self.path,)
+
+    @property
+    def memory_path(self) -> Path:
+        return self.path
 
     def peak_memory_bytes(self) -> int:
         if not self._has_peak:  # sampled at each reading where the kernel keeps no peak
@@ -131,16 +165,17 @@ class CgroupsV2(Cgroups):
         await _poll(lambda: not _signal_all(self.pids(), signal.SIGKILL), "kill")
 
     def close(self) -> None:
-        for fd in (self._freeze_fd, self._peak_fd):
+        for fd in (self._freeze_fd, self._peak_fd, self._memory_dir_fd):
             if fd is not None:
                 os.close(fd)
-        self._freeze_fd = self._peak_fd = None
+        self._freeze_fd = self._peak_fd = self._memory_dir_fd = None
 
 
 class CgroupsV1(Cgroups):
     """A cgroup in the memory controller (the limit, peak, OOM kills) and one in the freezer controller."""
 
     hierarchy = "v1"
+    mapped_file_key = "mapped_file"  # this cgroup's own (total_mapped_file adds its children's: it has none)
 
     def __init__(self, memory: Path, freezer: Path) -> None:
         self.memory = memory
@@ -150,6 +185,10 @@ class CgroupsV1(Cgroups):
 
     def paths(self) -> tuple[Path, ...]:
         return (self.freezer, self.memory)  # freezer first: whatever the memory cgroup counts can also be frozen
+
+    @property
+    def memory_path(self) -> Path:
+        return self.memory
 
     def peak_memory_bytes(self) -> int:
         if self._peak_fd is None:
@@ -176,10 +215,10 @@ class CgroupsV1(Cgroups):
         await _poll(lambda: not _signal_all(self.pids(), signal.SIGKILL), "kill")  # late forks too
 
     def close(self) -> None:
-        for fd in (self._peak_fd, self._freezer_fd):
+        for fd in (self._peak_fd, self._freezer_fd, self._memory_dir_fd):
             if fd is not None:
                 os.close(fd)
-        self._peak_fd = self._freezer_fd = None
+        self._peak_fd = self._freezer_fd = self._memory_dir_fd = None
 
     def _write_freezer(self, state: str) -> None:
         if self._freezer_fd is None:

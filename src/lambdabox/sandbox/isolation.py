@@ -19,13 +19,14 @@ import psutil
 
 from lambdabox.core.errors import SandboxError
 from lambdabox.loop import open_task_group
-from lambdabox.sandbox import outbound
+from lambdabox.sandbox import memory, outbound
 from lambdabox.sandbox.cgroups import Cgroups, make_cgroups
 from lambdabox.sandbox.held import Holder
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
 from lambdabox.sandbox.processes import Child, spawn_here
 
 SAMPLE_EVERY_S = 0.01
+MIB = 1024 * 1024
 
 
 async def _poll(done: Callable[[], bool], what: str) -> None:
@@ -53,6 +54,7 @@ class Isolation:
         self._stopped: set[int] = set()  # SIGSTOPped by a degraded freeze
         self._frozen = False
         self._peak = 0
+        self._uncharged = memory.UnchargedFiles()  # with cgroups: the mapped file pages charged elsewhere
         self._sampler: asyncio.Task[None] | None = None
 
     @property
@@ -139,9 +141,21 @@ class Isolation:
         return sorted(found)
 
     def peak_memory_bytes(self) -> int:
-        """Peak memory of all the environment's processes together since it was made."""
+        """Peak memory of all the environment's processes together since it was made, file pages they map
+        included, as Lambda counts it (at most MemorySize).
+
+        With cgroups: the cgroup's peak, plus the resident file pages the processes map that are charged to other
+        cgroups (those already in the host's page cache when the environment mapped them: the interpreter, its
+        libraries), which Lambda counts since every microVM starts cold: the largest figure seen of their mapped
+        file pages less the cgroup's own (``memory.UnchargedFiles``). That figure is recomputed (every process's
+        smaps, about a millisecond each) only when the cgroup's peak or its set of processes has changed since the
+        last computation, else reused: a warm invoke reads the peak and ``cgroup.procs``. Without cgroups: the
+        largest sample of the processes' RSS, file pages included."""
         if self._cgroups is not None:
-            return self._cgroups.peak_memory_bytes()
+            cgroups = self._cgroups
+            peak = cgroups.peak_memory_bytes()
+            uncharged = self._uncharged.update(peak, cgroups.memory_pids(), cgroups.mapped_file_bytes)
+            return min(peak + uncharged, self.memory_mb * MIB)
         if not self._frozen:
             self._sample()
         return self._peak
