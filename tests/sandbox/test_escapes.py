@@ -69,11 +69,16 @@ IPC_CREAT, IPC_EXCL, IPC_RMID = 0o1000, 0o2000, 0
 
 
 def escape_function(
-    root: Path, environment: dict[str, str], *, memory_mb: int, ext_probes: list[str] | None = None
+    root: Path,
+    environment: dict[str, str],
+    *,
+    memory_mb: int,
+    ext_probes: list[str] | None = None,
+    ext_script: str = "escape_ext.py",
 ) -> FunctionConfig:
-    """The escape handler in /var/task, and a directory layer with the escape extension and the probes at /opt; the
-    extension runs ``ext_probes`` on its first INVOKE. A timeout long enough for the probes on a slow (emulated)
-    machine: they take about a second here."""
+    """The escape handler in /var/task, and a directory layer with the escape extension (``ext_script``, from
+    tests/fixtures) and the probes at /opt; the extension runs ``ext_probes`` on its first INVOKE. A timeout long
+    enough for the probes on a slow (emulated) machine: they take about a second here."""
     code, layer = root / "code", root / "layer"
     (layer / "extensions").mkdir(parents=True)
     code.mkdir()
@@ -81,9 +86,14 @@ def escape_function(
         shutil.copy(FIXTURES / name, code / name)
     shutil.copy(FIXTURES / "escape_probes.py", layer / "escape_probes.py")
     ext = layer / "extensions" / EXTENSION
-    ext.write_bytes(extension_script("escape_ext.py"))
+    ext.write_bytes(extension_script(ext_script))
     ext.chmod(0o755)
-    env = {"ESCAPE_HOST_PID": str(os.getpid()), "ESCAPE_EXT_PROBES": ",".join(ext_probes or []), **environment}
+    env = {
+        "ESCAPE_HOST_PID": str(os.getpid()),
+        "ESCAPE_EXT_PROBES": ",".join(ext_probes or []),
+        "ESCAPE_PYTHON": sys._base_executable,
+        **environment,
+    }
     return FunctionConfig(
         "Fn", "Fn", PYTHON, "escape_handler.handle", code, (LayerConfig("escape", layer),), env, TIMEOUT_S, memory_mb
     )
@@ -466,7 +476,9 @@ def test_allocating_past_memory_size_is_out_of_memory_and_the_next_invoke_works(
 @pytest.mark.cgroup2
 @pytest.mark.skipif(HIERARCHY != "v2", reason="pids.max is set on cgroup v2 only")
 def test_threads_stop_at_1024_tasks(tmp_path: Path) -> None:
-    config = escape_function(tmp_path, {}, memory_mb=1024, ext_probes=["threads"])
+    # The bash extension: two Pythons starting one after the other (extension, then runtime) take most of Init's
+    # 10 s on the emulated machine that runs this test on a cgroup v1 host.
+    config = escape_function(tmp_path, {}, memory_mb=1024, ext_probes=["threads"], ext_script="threads_ext.sh")
     recorder = Recorder()
 
     async def go() -> list[InvokeResult]:
@@ -475,7 +487,7 @@ def test_threads_stop_at_1024_tasks(tmp_path: Path) -> None:
 
     first, second, third = run(go(), RUN_S)
     said = recorder.extension_says("probes")
-    assert said, recorder.lines()
+    assert said, (recorder.lines(), first.report, second.report, third.report)
     assert first.report.status == "success", first.report  # the extension probed
     for found in (said[0]["results"]["threads"], body(second)["threads"]):
         assert found["refused"] == "can't start new thread", found
