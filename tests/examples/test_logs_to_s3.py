@@ -73,10 +73,11 @@ def wait_for_url(process: subprocess.Popen[bytes], seconds: float) -> str:
 
 @pytest.fixture
 def moto_s3() -> Iterator[MotoS3]:
-    """moto's server on the host's loopback, with an IAM user allowed s3:* and the bucket; stopped by PID."""
+    """moto's server on every address of the host (an environment reaches it at host.lambdabox.internal), with an
+    IAM user allowed s3:* and the bucket; stopped by PID."""
     # Path-style buckets whatever the host name (moto would read ``host`` of host.lambdabox.internal as a bucket).
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_CALLS), "S3_IGNORE_SUBDOMAIN_BUCKETNAME": "true"}
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
+    command = [sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", "0"]
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as process:
         drain: threading.Thread | None = None
         try:

@@ -931,8 +931,9 @@ def test_a_process_inside_sees_lo_up_and_the_outbound_interface(tmp_path: Path) 
     assert seen["net"] == net == socket_net != os.stat("/proc/self/ns/net").st_ino
 
 
-def outbound_probe(port: int) -> str:
-    """Code that greets the server at ``port`` of the machine by each of its names, and reads the resolver."""
+def outbound_probe(port: int, loopback_port: int | None = None) -> str:
+    """Code that greets the server at ``port`` of the machine by each of its names, reads the resolver, and (given
+    ``loopback_port``) tries the host's loopback through the gateway."""
     return (
         "import json, socket\n"
         "got = {}\n"
@@ -940,38 +941,53 @@ def outbound_probe(port: int) -> str:
         f"    with socket.create_connection((name, {port}), timeout=5) as s:\n"
         "        got[name] = s.recv(64).decode()\n"
         "got['resolv'] = [l for l in open('/etc/resolv.conf') if l.startswith('nameserver')]\n"
+        f"for where in ([] if {loopback_port!r} is None else ['{outbound.network()[2]}', 'host.lambdabox.internal']):\n"
+        "    try:\n"
+        f"        socket.create_connection((where, {loopback_port!r}), timeout=5).close()\n"
+        "        got['loopback at ' + where] = 'connected'\n"
+        "    except OSError as e:\n"
+        "        got['loopback at ' + where] = repr(e)\n"
         "print(json.dumps(got))\n"
     )
 
 
-async def _greeting_server() -> asyncio.Server:
-    """A TCP server on the host's loopback that greets each connection with its peer's address."""
+async def _greeting_server(host: str = "127.0.0.1") -> asyncio.Server:
+    """A TCP server on ``host`` that greets each connection with its peer's address."""
 
     async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(f"hello {writer.get_extra_info('peername')[0]}".encode())
         await writer.drain()
         writer.close()
 
-    return await asyncio.start_server(greet, "127.0.0.1", 0)
+    return await asyncio.start_server(greet, host, 0)
 
 
 @needs_full
 @pytest.mark.skipif(outbound.probe() is not None, reason="needs slirp4netns")
-def test_the_environment_reaches_a_server_on_the_host_loopback_by_name(tmp_path: Path) -> None:
+@pytest.mark.skipif(outbound.host_address() is None, reason="needs a route off the host")
+@pytest.mark.cgroup2  # and in the VM, whose own address (10.0.2.15) is on slirp4netns's usual network
+def test_the_environment_reaches_the_host_by_name_but_not_its_loopback(tmp_path: Path) -> None:
     async def body() -> tuple[list[str], int | None]:
-        server = await _greeting_server()
+        server = await _greeting_server("0.0.0.0")  # what a user exposes to environments
         port = server.sockets[0].getsockname()[1]
-        async with server, open_isolation(make_layout(tmp_path), memory_mb=128, name="out") as iso:
-            records = await run_code(iso, outbound_probe(port))
+        loopback_only = await _greeting_server()  # as lambdabox's own Invoke API listens
+        hidden = loopback_only.sockets[0].getsockname()[1]
+        async with server, loopback_only, open_isolation(make_layout(tmp_path), memory_mb=128, name="out") as iso:
+            records = await run_code(iso, outbound_probe(port, hidden))
             slirp = iso._outbound._process
             pid = slirp.pid if slirp is not None else None
         return records, pid
 
     records, slirp = run(body())
     seen = json.loads(records[-1])
-    # slirp4netns connects from the host's loopback on the environment's behalf, as Lambda's NAT would
-    assert seen["host.lambdabox.internal"] == seen["host.docker.internal"] == "hello 127.0.0.1"
-    assert seen["resolv"] == [f"nameserver {outbound.DNS_ADDRESS}\n"]
+    # slirp4netns connects from the host on the environment's behalf, as Lambda's NAT would
+    greeting = f"hello {outbound.host_address()}"
+    assert seen["host.lambdabox.internal"] == seen["host.docker.internal"] == greeting
+    assert seen["resolv"] == [f"nameserver {outbound.dns_address()}\n"]
+    # a port only on the host's loopback (as lambdabox's Invoke API) is out of reach: the gateway no longer leads
+    # to the host's loopback, and the host's address is not its loopback
+    assert seen[f"loopback at {outbound.network()[2]}"] == "OSError(101, 'Network is unreachable')"
+    assert seen["loopback at host.lambdabox.internal"] == "ConnectionRefusedError(111, 'Connection refused')"
     assert slirp is not None and not psutil.pid_exists(slirp)  # ended with the environment
 
 

@@ -163,8 +163,8 @@ class Namespace:
         self.net_why = None if self.network else "network=False"
         while True:
             if self.net_why is None:
-                address = outbound_module.HOST_ADDRESS if outbound else None
-                _write_etc(files, address, outbound_module.DNS_ADDRESS if outbound else None)
+                address = outbound_module.host_address() if outbound else None
+                _write_etc(files, address, outbound_module.dns_address() if outbound else None)
             else:
                 _write_etc(files, "127.0.0.1", None)  # the host's network: the machine is at its own loopback
             try:
