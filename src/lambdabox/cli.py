@@ -64,8 +64,8 @@ def environment_options(command: F) -> F:
             default=True,
             show_default=True,
             help="A network namespace per environment, as in Lambda (Runtime API at 127.0.0.1:9001; outbound "
-            "through slirp4netns; this machine at host.lambdabox.internal), or the host's network (extensions "
-            "must not share ports).",
+            "through slirp4netns; this machine at host.lambdabox.internal, its loopback out of reach), or the host's "
+            "network (extensions must not share ports).",
         ),
         click.option("--parameter-overrides", multiple=True, metavar="KEY=VALUE", help="Template parameter values."),
     ]
