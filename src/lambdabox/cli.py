@@ -167,6 +167,8 @@ async def _invoke(
         loop.add_signal_handler(sig, stop.set)
     ok = True
     async with open_logged_environment(config, options, observers, LogStore()) as env:
+        for line in env.cleaned:
+            click.echo(f"lambdabox: {line}", err=True)
         for line in env.degraded:
             click.echo(f"lambdabox: degraded mode: {line}", err=True)
         for _ in range(repeat):

@@ -13,6 +13,7 @@ import pytest
 
 from lambdabox.core.model import Response
 from lambdabox.environment.opening import open_environment
+from lambdabox.sandbox.leftovers import owner
 from support import make_function, run
 
 ENVIRONMENTS = 120
@@ -47,7 +48,7 @@ def _state(pid: int) -> str | None:
 
 def leftovers() -> list[str]:
     """The churned function's work dirs and cgroups that exist now."""
-    found = [str(p) for p in Path(tempfile.gettempdir()).glob("lambdabox-Churn-*")]
+    found = [str(p) for p in Path(tempfile.gettempdir()).glob(f"lambdabox-{owner()}-Churn-*")]
     for root in (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/freezer"), Path("/sys/fs/cgroup/lambdabox")):
         found += [str(p) for p in root.glob("*Churn-*")]
     return found

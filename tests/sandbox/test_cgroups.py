@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from lambdabox.loop import run as run_loop
 from lambdabox.sandbox import cgroups as cgroups_module
+from lambdabox.sandbox import leftovers
 from lambdabox.sandbox.cgroups import DELEGATE_HINT, PIDS_MAX, SUPERVISOR, Cgroups, make_cgroups
 from rootless_support import REPO, delegate, delegated_cgroup_v2, rootless_user, run_as_user
 from support import host_cgroups
@@ -159,6 +161,44 @@ def test_kill_all_ends_a_tree_that_keeps_forking() -> None:
     returncode, left = run(body())
     assert returncode == -signal.SIGKILL
     assert left == set()
+
+
+def test_the_cgroups_of_a_lambdabox_that_is_gone_are_removed_with_their_frozen_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone = leftovers.owner(child.pid)
+    child.wait(timeout=30)
+    monkeypatch.setattr(leftovers, "_asked", set())
+
+    async def body() -> tuple[list[str], list[str], int | None, bool]:
+        with monkeypatch.context() as patch:
+            patch.setattr(leftovers, "owner", lambda pid=None: gone)
+            orphan = await made("Orphan")
+        mine = await made("Mine")
+        try:
+            process = await start(orphan, "import time\nprint('up', flush=True)\ntime.sleep(600)")
+            assert process.stdout is not None
+            await process.stdout.readline()
+            orphan.freeze(True)
+            await poll_until(orphan.frozen)
+            orphan.close()  # as a lambdabox that died leaves it: nothing of it open
+            said = await cgroups_module.remove_left_behind()
+            async with asyncio.timeout(30):
+                returncode = await process.wait()
+            again = await cgroups_module.remove_left_behind()  # once per process
+            return said, again, returncode, all(path.exists() for path in mine.paths())
+        finally:
+            await removed(mine)
+
+    said, again, returncode, mine_kept = run(body())
+    parents = {"v1": ["freezer", "memory"], "v2": [cgroups_module.V2_PARENT]}[HIERARCHY or ""]
+    assert said == [
+        f"removed a cgroup in {cgroups_module.CGROUP_ROOT / parent} left by lambdabox processes that are gone"
+        for parent in parents
+    ]
+    assert again == [] and returncode == -signal.SIGKILL and mine_kept
+    assert not [p for parent in parents for p in (cgroups_module.CGROUP_ROOT / parent).iterdir() if gone in p.name]
 
 
 @pytest.mark.skipif(HIERARCHY != "v2", reason="the pids controller is used on cgroup v2")

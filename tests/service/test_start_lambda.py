@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,10 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+import psutil
+
+from lambdabox.sandbox import leftovers
+from lambdabox.sandbox.cgroups import CGROUP_ROOT, V2_PARENT
 from server_support import aws_cli, lambda_client, write_template
 
 LAMBDABOX = [sys.executable, "-m", "lambdabox"]
@@ -146,6 +151,36 @@ def test_sigint_on_an_idle_server_exits_0(tmp_path: Path) -> None:
         os.kill(process.pid, signal.SIGINT)
         assert process.wait(timeout=WAIT_S) == 0
         assert any("stopping" in line for line in err.rest())
+
+
+def left_by(owner: str) -> list[Path]:
+    """The temporary directories and cgroups named after the lambdabox process ``owner`` (see leftovers)."""
+    places = [Path(tempfile.gettempdir())]
+    places += [CGROUP_ROOT / "freezer", CGROUP_ROOT / "memory", CGROUP_ROOT / V2_PARENT]
+    return [path for place in places if place.is_dir() for path in place.iterdir() if f"{owner}-" in path.name]
+
+
+def test_what_a_killed_server_left_the_next_lambdabox_removes_and_says(tmp_path: Path) -> None:
+    template = write_template(tmp_path, FUNCTIONS)
+    with start_lambda(template) as (process, url, _out, _err):
+        owner = leftovers.owner(process.pid)
+        assert lambda_client(url).invoke(FunctionName="Echo", Payload=b"{}")["StatusCode"] == 200
+        environment = psutil.Process(process.pid).children(recursive=True)  # frozen now, where cgroups freeze
+        process.kill()
+        process.wait(timeout=WAIT_S)
+    left = left_by(owner)
+    assert len([path for path in left if path.parent == Path(tempfile.gettempdir())]) == 2, left  # work, files
+
+    argv = [*LAMBDABOX, "invoke", "-t", str(template), "Echo"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^lambdabox: removed \d+ temporary directories in .* left by lambdabox processes that are gone$",
+                     done.stderr, re.MULTILINE), done.stderr  # fmt: skip
+    cgroups = {path.parent for path in left} - {Path(tempfile.gettempdir())}
+    for parent in cgroups:
+        assert re.search(rf"^lambdabox: removed .* in {parent} left by", done.stderr, re.MULTILINE), done.stderr
+    assert left_by(owner) == []
+    assert [p for p in environment if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
 
 
 def test_a_bad_template_is_refused_before_anything_listens(tmp_path: Path) -> None:

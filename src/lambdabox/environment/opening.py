@@ -31,6 +31,7 @@ from lambdabox.environment.options import Options
 from lambdabox.environment.report import Observer
 from lambdabox.environment.runner import Environment
 from lambdabox.loop import open_task_group
+from lambdabox.sandbox import leftovers
 from lambdabox.sandbox.filesystem import stage_function
 from lambdabox.sandbox.held import Holder
 from lambdabox.sandbox.isolation import Isolation, open_isolation
@@ -67,7 +68,7 @@ async def open_environment(
     failed), once the reset's shutdown is over."""
     options = options or Options()
     clock = Clock()
-    work_dir = Path(tempfile.mkdtemp(prefix=f"lambdabox-{config.logical_id}-"))
+    work_dir = Path(tempfile.mkdtemp(prefix=leftovers.temporary_prefix(config.logical_id)))
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(shutil.rmtree, work_dir, True)
         staged = stage_function(config, work_dir)

@@ -102,6 +102,11 @@ class Environment:
         return self.isolation.degraded
 
     @property
+    def cleaned(self) -> tuple[str, ...]:
+        """What lambdabox processes that died left on the host and opening this environment removed."""
+        return self.isolation.cleaned
+
+    @property
     def initialized(self) -> bool:
         """It holds a successful Init now (ready, frozen, or invoking)."""
         return self.lifecycle.initialized

@@ -11,7 +11,11 @@ line of /proc/self/cgroup) is delegated when the user can write it, its ``cgroup
 it (lambdabox itself, perhaps its parent shell) move into a leaf child, ``lambdabox-supervisor`` (cgroup v2 lets no
 process stay in a cgroup whose children use controllers), memory and pids are enabled for its children, and each
 environment's cgroup is then made next to the supervisor, with the same limits as root's. The supervisor stays (it
-holds lambdabox); an environment's cgroup goes with :meth:`Cgroups.remove`. cgroup v1 cannot be delegated."""
+holds lambdabox); an environment's cgroup goes with :meth:`Cgroups.remove`. cgroup v1 cannot be delegated.
+
+An environment's cgroup is named after the lambdabox process that made it (:mod:`lambdabox.sandbox.leftovers`):
+:func:`remove_left_behind` removes, once per process, those of lambdabox processes that died without removing them,
+with whatever is still in them (frozen processes thawed first, to die)."""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+
+from lambdabox.sandbox import leftovers
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V2_PARENT = "lambdabox"  # lambdabox's own subtree on cgroup v2: /sys/fs/cgroup/lambdabox/<environment>
@@ -231,7 +237,7 @@ def make_cgroups(name: str, memory_mb: int, root: Path | None = None) -> tuple[C
     or None and why they cannot be had (the reason names what is missing). Without root, on cgroup v2, under the
     cgroup delegated to the user that lambdabox runs in (see the module's docstring)."""
     root = root or CGROUP_ROOT
-    leaf = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}-{secrets.token_hex(4)}"
+    leaf = f"{leftovers.owner()}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:64]}-{secrets.token_hex(4)}"
     limit = memory_mb * 1024 * 1024
     if os.geteuid() != 0:
         if (root / "cgroup.controllers").exists():
@@ -245,6 +251,38 @@ def make_cgroups(name: str, memory_mb: int, root: Path | None = None) -> tuple[C
         if not (root / controller / probe).exists():
             return None, f"neither cgroup v2 at {root} nor a cgroup v1 {controller} controller at {root / controller}"
     return _make_v1(root, f"lambdabox-{leaf}", limit)
+
+
+async def remove_left_behind(root: Path | None = None) -> list[str]:
+    """Remove the environments' cgroups left by lambdabox processes that are gone, the first time this process asks
+    (after its first :func:`make_cgroups`, which finds the delegated cgroup without root); what was done."""
+    root = root or CGROUP_ROOT
+    if os.geteuid() != 0:
+        places = [(_delegated[root], "")] if root in _delegated else []
+    elif (root / "cgroup.controllers").exists():
+        places = [(root / V2_PARENT, "")]
+    else:  # freezer first: a frozen process dies only once thawed
+        places = [(root / "freezer", "lambdabox-"), (root / "memory", "lambdabox-")]
+    said = []
+    for parent, prefix in places:
+        if not leftovers.first_time(parent):
+            continue
+        removed, failed = [], []
+        for path in leftovers.orphans(parent, prefix):
+            with contextlib.suppress(OSError):  # thawed, to die (v1, v2)
+                (path / "freezer.state").write_text("THAWED")
+            with contextlib.suppress(OSError):
+                (path / "cgroup.freeze").write_text("0")
+            try:
+                await _poll(functools.partial(_try_rmdir, path), f"rmdir {path}")
+                removed.append(path)
+            except TimeoutError as error:
+                failed.append(str(error))
+        if removed:
+            what = "a cgroup" if len(removed) == 1 else f"{len(removed)} cgroups"
+            said.append(f"removed {what} in {parent} left by lambdabox processes that are gone")
+        said += [f"could not remove a cgroup left by a lambdabox process that is gone: {why}" for why in failed]
+    return said
 
 
 _delegated: dict[Path, Path] = {}  # cgroup root -> the delegated cgroup set up for this process (once per process)

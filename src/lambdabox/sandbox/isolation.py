@@ -19,8 +19,8 @@ import psutil
 
 from lambdabox.core.errors import SandboxError
 from lambdabox.loop import open_task_group
-from lambdabox.sandbox import memory, outbound
-from lambdabox.sandbox.cgroups import Cgroups, make_cgroups
+from lambdabox.sandbox import leftovers, memory, outbound
+from lambdabox.sandbox.cgroups import Cgroups, make_cgroups, remove_left_behind
 from lambdabox.sandbox.held import Holder
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
 from lambdabox.sandbox.processes import Child, spawn_here
@@ -47,6 +47,7 @@ class Isolation:
         self.memory_mb = memory_mb
         self.api_port: int | None = None  # without a network namespace: the Runtime API's port (for ``degraded``)
         self._found: tuple[str, ...] = ()
+        self.cleaned: tuple[str, ...] = ()  # what an earlier lambdabox left behind and this one removed
         self._namespace = Namespace(layout, network=network)
         self._outbound = outbound.Outbound()
         self._cgroups: Cgroups | None = None
@@ -225,6 +226,10 @@ class Isolation:
             if not os.path.isdir(path := getattr(self.layout, what)):  # noqa: ASYNC240 (a stat)
                 raise SandboxError(f"layout.{what} {path} is not a directory")
         self._cgroups, cg_why = make_cgroups(name, self.memory_mb) if isolate else (None, "isolate=False")
+        self.cleaned = (
+            *(await remove_left_behind() if isolate else ()),
+            *await asyncio.to_thread(leftovers.remove_temporary_dirs),
+        )
         out_why = outbound.probe()
         if isolate:
             procs = [path / "cgroup.procs" for path in self._cgroups.paths()] if self._cgroups is not None else []

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lambdabox.core.errors import SandboxError
+from lambdabox.sandbox import leftovers, seccomp
 from lambdabox.sandbox import outbound as outbound_module
-from lambdabox.sandbox import seccomp
 from lambdabox.sandbox.held import TELEMETRY_TARGET, HeldProcess, Holder, IdMap, start_holder
 from lambdabox.sandbox.processes import TELEMETRY_FD_ENV
 
@@ -156,7 +156,7 @@ class Namespace:
         if (why := _probe_namespace()) is not None:
             self.net_why = why
             return why
-        self.files_dir = files = Path(tempfile.mkdtemp(prefix="lambdabox-env-"))
+        self.files_dir = files = Path(tempfile.mkdtemp(prefix=leftovers.temporary_prefix("env")))
         os.chmod(files, 0o711)  # the holder's init, Lambda's user outside, reaches root/ in it (nothing else)
         (files / "root").mkdir(mode=0o755)
         ids = _id_map()

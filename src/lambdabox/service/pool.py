@@ -198,6 +198,8 @@ class Pool:
             except Exception as error:
                 self.on_problem(f"lambdabox: {self.config.logical_id}: cannot start an environment: {error}")
                 raise
+            for line in env.cleaned if fresh else ():
+                self.on_problem(f"lambdabox: {line}")
             for line in env.degraded if fresh else ():
                 self.on_problem(f"lambdabox: degraded mode: {line}")
             result = await env.invoke(
