@@ -160,6 +160,14 @@ def left_by(owner: str) -> list[Path]:
     return [path for place in places if place.is_dir() for path in place.iterdir() if f"{owner}-" in path.name]
 
 
+def alive(process: psutil.Process) -> bool:
+    """Still running (a zombie that its new parent has not reaped yet is not)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # reaped meanwhile
+        return False
+
+
 def test_what_a_killed_server_left_the_next_lambdabox_removes_and_says(tmp_path: Path) -> None:
     template = write_template(tmp_path, FUNCTIONS)
     with start_lambda(template) as (process, url, _out, _err):
@@ -180,7 +188,7 @@ def test_what_a_killed_server_left_the_next_lambdabox_removes_and_says(tmp_path:
     for parent in cgroups:
         assert re.search(rf"^lambdabox: removed .* in {parent} left by", done.stderr, re.MULTILINE), done.stderr
     assert left_by(owner) == []
-    assert [p for p in environment if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert [p for p in environment if alive(p)] == []
 
 
 def test_a_bad_template_is_refused_before_anything_listens(tmp_path: Path) -> None:

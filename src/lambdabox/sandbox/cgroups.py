@@ -111,13 +111,7 @@ class Cgroups(abc.ABC):
 
     async def remove(self) -> list[str]:
         """Remove the cgroups (killing what is left in them); the problems met."""
-        problems = []
-        for path in self.paths():
-            try:
-                await _poll(functools.partial(_try_rmdir, path), f"rmdir {path}")
-            except TimeoutError as error:
-                problems.append(str(error))
-        return problems
+        return [problem for path in self.paths() if (problem := await _remove(path)) is not None]
 
 
 class CgroupsV2(Cgroups):
@@ -273,11 +267,10 @@ async def remove_left_behind(root: Path | None = None) -> list[str]:
                 (path / "freezer.state").write_text("THAWED")
             with contextlib.suppress(OSError):
                 (path / "cgroup.freeze").write_text("0")
-            try:
-                await _poll(functools.partial(_try_rmdir, path), f"rmdir {path}")
+            if (problem := await _remove(path)) is None:
                 removed.append(path)
-            except TimeoutError as error:
-                failed.append(str(error))
+            else:
+                failed.append(problem)
         if removed:
             what = "a cgroup" if len(removed) == 1 else f"{len(removed)} cgroups"
             said.append(f"removed {what} in {parent} left by lambdabox processes that are gone")
@@ -456,6 +449,15 @@ def _try_rmdir(path: Path) -> bool:
     except OSError:  # EBUSY while the last tasks exit
         return False
     return True
+
+
+async def _remove(path: Path) -> str | None:
+    """Remove one cgroup, killing what is left in it; None, or the problem met."""
+    try:
+        await _poll(functools.partial(_try_rmdir, path), f"rmdir {path}")
+    except TimeoutError as error:
+        return str(error)
+    return None
 
 
 async def _poll(done: Callable[[], bool], what: str) -> None:
