@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 from collections import Counter
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from lambdabox.core import jsontext
 from lambdabox.core.errors import ConfigError, LambdaboxError, error_body
 from lambdabox.core.model import FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
 from lambdabox.environment.options import Options
@@ -78,6 +81,17 @@ def environment_options(command: F) -> F:
 @click.version_option(package_name="lambdabox")
 def main() -> None:
     """Run AWS Lambda functions and Lambda extensions locally, as the Lambda service runs them."""
+    _raise_open_files_limit()
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit on open files raised to the hard one (as Go programs do at start): every environment holds a
+    few descriptors here, and the Invoke API's connection cap is a share of this limit. The function still gets
+    Lambda's 1,024 (the holder sets it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
 
 
 timeline_option = click.option(
@@ -317,8 +331,8 @@ def render_outcome(outcome: Outcome) -> str:
         case LambdaFailure(error_type=error_type, message=message):
             return error_body(error_type, message).decode()
     try:
-        return json.dumps(json.loads(text), ensure_ascii=False)
-    except ValueError:
+        return json.dumps(jsontext.loads(text), ensure_ascii=False)
+    except (ValueError, RecursionError):  # (json.dumps may recurse deeper than loads did)
         return text.replace("\n", "\\n")
 
 
@@ -327,7 +341,7 @@ def _read_event(event: str | None) -> bytes:
         return b"{}"
     data = sys.stdin.buffer.read() if event == "-" else Path(event).read_bytes()
     try:
-        json.loads(data or b"null")
+        jsontext.loads(data or b"null")
     except ValueError as error:
         raise ConfigError(f"{'stdin' if event == '-' else event}: the event is not valid JSON: {error}") from error
     return data

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -279,3 +280,127 @@ def test_a_request_arriving_after_close_closes_its_connection_and_starts_nothing
         return transport.closed, transport.written, started
 
     assert run(go(), timeout=15) == (True, [], False)
+
+
+# ---- limits on what clients send ------------------------------------------------------------------------------------
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, bytes]:
+    """An answer, then what follows it until the server closes (b"" when it closed right after)."""
+    status, headers, body = await read_response(reader)
+    return status, headers, body, await asyncio.wait_for(reader.read(), 5)
+
+
+def refused(*writes: bytes, limits: httpserver.Limits | None = None) -> tuple[int, dict[str, str], Any, bytes]:
+    """Send ``writes`` on one connection (stopping when the server has answered); the answer and what followed."""
+
+    async def go() -> tuple[int, dict[str, str], Any, bytes]:
+        router = Router()
+        router.add("POST", "/echo", echo)
+        async with open_http_server(router, limits) as server:
+            reader, writer = await asyncio.open_connection(*await server.listen("127.0.0.1", 0))
+            try:
+                for data in writes:
+                    writer.write(data)
+                    with contextlib.suppress(ConnectionError):
+                        await writer.drain()
+                status, headers, body, rest = await read_to_end(reader)
+                return status, headers, json.loads(body), rest
+            finally:
+                writer.close()
+
+    return run(go(), timeout=15)
+
+
+def test_a_head_over_the_limit_gets_431_before_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "MAX_HEAD_BYTES", 1000)
+    # The header never ends: the server answers once 1,000 bytes of head have come.
+    status, headers, body, rest = refused(b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000)
+    assert (status, headers["connection"], rest) == (431, "close", b"")
+    assert body["errorType"] == "RequestEntityTooLarge" and "1000 bytes" in body["errorMessage"]
+
+
+def test_a_head_within_the_limit_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "MAX_HEAD_BYTES", 1000)
+    ((status, _, body),) = exchange(post("/echo", b"{}", "X-Thing: " + "a" * 800))
+    assert status == 200 and json.loads(body)["x"] == "a" * 800
+
+
+def test_a_declared_body_over_the_discard_limit_gets_413_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "MAX_DISCARD_BYTES", 100)
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n"  # and no body is ever sent
+    status, headers, body, rest = refused(head)
+    assert (status, headers["connection"], rest) == (413, "close", b"")
+    assert body["errorType"] == "RequestEntityTooLarge"
+
+
+def test_a_chunked_body_over_the_discard_limit_gets_413(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "MAX_DISCARD_BYTES", 100)
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    status, _, body, rest = refused(head + b"40\r\n" + b"x" * 64 + b"\r\n", b"40\r\n" + b"x" * 64 + b"\r\n")
+    assert (status, body["errorType"], rest) == (413, "RequestEntityTooLarge", b"")
+
+
+def test_connections_over_the_cap_get_429_and_a_freed_place_is_taken_again() -> None:
+    async def go() -> tuple[int, bytes, int, int]:
+        router = Router()
+        router.add("POST", "/echo", echo)
+        async with open_http_server(router, httpserver.Limits(max_connections=2)) as server:
+            address = await server.listen("127.0.0.1", 0)
+            first, second = [await asyncio.open_connection(*address) for _ in range(2)]
+            for reader, writer in (first, second):  # both held: each answered once, and kept alive
+                writer.write(post("/echo", b"{}"))
+                assert (await read_response(reader))[0] == 200
+            reader, writer = await asyncio.open_connection(*address)
+            status, _, body, rest = await read_to_end(reader)
+            writer.close()
+            first[1].close()
+            await asyncio.wait_for(first[0].read(), 5)
+            async with asyncio.timeout(5):
+                while len(server.connections) > 1:  # noqa: ASYNC110 (the server sees the close at its own pace)
+                    await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(post("/echo", b"{}"))
+            again = (await read_response(reader))[0]
+            writer.close()
+            second[1].close()
+            return status, rest, json.loads(body)["errorType"] == "InvalidRequestFormat", again
+
+    assert run(go(), timeout=15) == (429, b"", True, 200)
+
+
+def test_a_request_not_sent_whole_in_time_gets_408_and_an_idle_connection_is_closed() -> None:
+    async def go() -> tuple[int, bytes, bytes, int]:
+        router = Router()
+        router.add("POST", "/echo", echo)
+        router.add("GET", "/wait", wait)
+        limits = httpserver.Limits(request_timeout_s=0.2, idle_timeout_s=0.2)
+        async with open_http_server(router, limits) as server:
+            address = await server.listen("127.0.0.1", 0)
+            slow_reader, slow_writer = await asyncio.open_connection(*address)
+            slow_writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")  # 7 bytes short
+            idle_reader, idle_writer = await asyncio.open_connection(*address)
+            status, _, _, slow_rest = await read_to_end(slow_reader)
+            idle_rest = await asyncio.wait_for(idle_reader.read(), 5)
+            # A connection whose answer takes longer than the idle limit is not idle: its answer comes.
+            busy_reader, busy_writer = await asyncio.open_connection(*address)
+            busy_writer.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+            answered = (await read_response(busy_reader))[0]
+            for writer in (slow_writer, idle_writer, busy_writer):
+                writer.close()
+            return status, slow_rest, idle_rest, answered
+
+    assert run(go(), timeout=15) == (408, b"", b"", 200)
+
+
+def test_a_json_body_nested_too_deeply_is_a_400_not_a_recursion_error() -> None:
+    request = Request("POST", "/x", {}, b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ApiError) as raised:
+        httpserver.read_json(request, ErrorType.INVALID_REQUEST_FORMAT)
+    assert raised.value.status == 400 and "nested too deeply" in raised.value.message
+
+
+def test_a_whole_head_over_the_limit_in_one_piece_gets_431(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "MAX_HEAD_BYTES", 1000)
+    status, _, body, rest = refused(post("/echo", b"{}", "X-Big: " + "a" * 2000))
+    assert (status, body["errorType"], rest) == (431, "RequestEntityTooLarge", b"")

@@ -7,12 +7,14 @@ import asyncio
 import base64
 import json
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
+from lambdabox.api import invoke as invoke_api
 from server_support import ARN, FUNCTIONS, TOO_MANY_EXTENSIONS, crowd_layer, serving, write_template
 from support import run
 
@@ -161,8 +163,11 @@ def test_function_errors_and_lambda_errors_are_200_with_unhandled(tmp_path: Path
         ({"FunctionName": "Echo", "ClientContext": "not base64!"}, 400, "InvalidRequestContentException"),
         ({"FunctionName": "Echo", "ClientContext": "WzFd"}, 400, "InvalidRequestContentException"),  # [1]: no object
         ({"FunctionName": "Echo", "ClientContext": "e30=" * 1000}, 400, "InvalidParameterValueException"),
-        ({"FunctionName": "Echo", "InvocationType": "Later"}, 400, "InvalidParameterValueException"),
-        ({"FunctionName": "Echo", "LogType": "All"}, 400, "InvalidParameterValueException"),
+        ({"FunctionName": "Echo", "InvocationType": "Later"}, 400, "ValidationException"),
+        ({"FunctionName": "Echo", "LogType": "All"}, 400, "ValidationException"),
+        ({"FunctionName": "Echo", "LogType": ""}, 400, "ValidationException"),  # sent empty: not absent
+        ({"FunctionName": "Echo", "InvocationType": ""}, 400, "ValidationException"),
+        ({"FunctionName": "Echo", "Payload": b"[" * 100_000 + b"]" * 100_000}, 400, "InvalidRequestContentException"),
         ({"FunctionName": "Echo", "Payload": b'"' + b"x" * (6 * 1024 * 1024) + b'"'}, 413, "RequestTooLargeException"),
         ({"FunctionName": "Echo", "InvocationType": "Event", "Payload": b'"' + b"x" * (1024 * 1024) + b'"'}, 413,
          "RequestTooLargeException"),
@@ -180,7 +185,9 @@ def test_service_errors_as_the_sdk_parses_them(tmp_path: Path, call: dict[str, A
             assert response["Error"]["Code"] == code
             assert response["ResponseMetadata"]["HTTPStatusCode"] == status
             assert response["ResponseMetadata"]["RetryAttempts"] == 0
-            assert response["Type"] == ("Service" if status >= 500 else "User")
+            assert response.get("Type") == (
+                None if code == "ValidationException" else "User" if status < 500 else "Service"
+            )
             assert response["Error"]["Message"]
             if code == "ServiceException":
                 assert "at most 10" in response["Error"]["Message"]
@@ -202,5 +209,35 @@ def test_payloads_up_to_the_limits_are_accepted(tmp_path: Path) -> None:
             response = await asyncio.to_thread(client.invoke, FunctionName="Logs", Payload=sync)
             assert response["StatusCode"] == 200 and payload(response) == "logged"
             await served.server.wait_settled()
+
+    run(main())
+
+
+def test_requests_refused_before_they_are_read_are_service_errors(tmp_path: Path) -> None:
+    """A head over 1 MiB (431) and a connection over the cap (429): Lambda's error shape, as the SDKs parse it."""
+
+    async def raw(address: tuple[str, int], data: bytes) -> tuple[int, str, dict[str, Any]]:
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(data)
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+        rest = await asyncio.wait_for(reader.read(), 10)  # then the server closes
+        writer.close()
+        kind = next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.startswith("x-amzn-ErrorType"))
+        return int(head.split()[1]), kind, json.loads(rest)
+
+    async def main() -> None:
+        limits = invoke_api.limits()
+        assert limits.request_timeout_s == limits.idle_timeout_s == 60  # (the defaults)
+        async with serving(write_template(tmp_path, FUNCTIONS), limits=replace(limits, max_connections=3)) as served:
+            address = ("127.0.0.1", served.server.address[1])
+            path = "/2015-03-31/functions/Echo/invocations"
+            big = f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * (1024 * 1024)}\r\n\r\n".encode()
+            status, kind, body = await raw(address, big)
+            assert (status, kind, body["Type"]) == (431, "RequestTooLargeException", "User")
+            held = [await asyncio.open_connection(*address) for _ in range(3)]
+            status, kind, body = await raw(address, f"POST {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (status, kind) == (429, "TooManyRequestsException") and "3 connections" in body["message"]
+            for _, writer in held:
+                writer.close()
 
     run(main())

@@ -181,8 +181,8 @@ ONE_MB = '"' + "x" * (1024 * 1024) + '"'
         ({"FunctionName": "Echo", "payload": "{not json"}, 400, "InvalidRequestContentException"),  # the SDK sends it
         ({"FunctionName": "Echo", "ClientContext": "not base64!"}, 400, "InvalidRequestContentException"),
         ({"FunctionName": "Echo", "ClientContext": "e30=" * 1000}, 400, "InvalidParameterValueException"),
-        ({"FunctionName": "Echo", "InvocationType": "Later"}, 400, "InvalidParameterValueException"),
-        ({"FunctionName": "Echo", "LogType": "All"}, 400, "InvalidParameterValueException"),
+        ({"FunctionName": "Echo", "InvocationType": "Later"}, 400, "ValidationException"),
+        ({"FunctionName": "Echo", "LogType": "All"}, 400, "ValidationException"),
         ({"FunctionName": "Echo", "payload": SIX_MB}, 413, "RequestTooLargeException"),
         ({"FunctionName": "Echo", "InvocationType": "Event", "payload": ONE_MB}, 413, "RequestTooLargeException"),
         ({"FunctionName": "Broken"}, 500, "ServiceException"),
@@ -199,7 +199,8 @@ def test_service_errors_as_the_sdk_parses_them(tmp_path: Path, call: dict[str, s
             assert error["name"] == name and error["httpStatusCode"] == status
             assert error["attempts"] == 1  # nothing retried, not even the 500
             assert error["fault"] == ("server" if status >= 500 else "client")
-            assert error["type"] == ("Service" if status >= 500 else "User")
+            kind = None if name == "ValidationException" else "User" if status < 500 else "Service"
+            assert error.get("type") == kind
             assert error["message"] and error["requestId"]
             if name == "ResourceNotFoundException" and call["FunctionName"] == "Nope":
                 assert error["message"].endswith(":function:Nope")

@@ -1,9 +1,10 @@
 """A lean HTTP/1.1 server for every API lambdabox serves: the Invoke API, and the Runtime, Extensions, Logs and
 Telemetry APIs of each environment. Routing on method and path, keep-alive, ``Expect: 100-continue``, sized or
 chunked bodies (parsed by httptools), requests on one connection answered in order (by a task of the server's task
-group), bodies bounded, a graceful close. Three exchanges are on every invoke's critical path, so it does only what
-these APIs need; an ApiError a handler raises becomes the Runtime API's error response (the Invoke API renders its
-own).
+group), a graceful close, and :class:`Limits` on what clients send (head and body size, time to send a request,
+idle time, connections), each refused with a status and an error body, never a traceback. Three exchanges are on
+every invoke's critical path, so it does only what these APIs need; an ApiError a handler raises becomes the
+Runtime API's error response (the Invoke API renders its own).
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ from typing import cast
 
 import httptools
 
+from lambdabox.core import jsontext
 from lambdabox.core.errors import ApiError, ErrorType, error_body
 from lambdabox.loop import open_task_group
 
 MAX_BODY_BYTES = 12 * 1024 * 1024
 """Body bytes kept per request; beyond it the rest is read and dropped, and the request is marked ``oversize``."""
+MAX_HEAD_BYTES = 1024 * 1024
+"""Request line and headers: Lambda's Runtime API is Go's net/http, whose default ``MaxHeaderBytes`` is 1 MiB (431)."""
+MAX_DISCARD_BYTES = 64 * 1024 * 1024
+"""A body longer than this is refused (413) without reading it: its connection is closed."""
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
@@ -74,12 +80,38 @@ def read_json(request: Request, error_type: ErrorType) -> object:
     if not request.body.strip():
         return {}
     try:
-        return json.loads(request.body)
+        return jsontext.loads(request.body)
     except ValueError as error:
-        raise ApiError(400, error_type, f"request body is not valid JSON: {error}") from error
+        raise ApiError(400, error_type, f"request body is not valid JSON: {error}") from None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Refusal = Callable[[int, str], Response]
+"""The answer to a request refused before any handler sees it: its status (400, 408, 413, 429, 431) and a message."""
+
+_REFUSAL_TYPES = {413: ErrorType.REQUEST_ENTITY_TOO_LARGE, 431: ErrorType.REQUEST_ENTITY_TOO_LARGE}
+
+
+def refusal(status: int, message: str) -> Response:
+    """The in-environment APIs' refusal: Lambda's error body (``RequestEntityTooLarge`` for what is too large)."""
+    return Response(status, error_body(_REFUSAL_TYPES.get(status, ErrorType.INVALID_REQUEST_FORMAT), message))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a server takes from its clients. The in-environment APIs take Lambda's (rapid's: no timeouts), with a cap
+    on connections so that a function cannot take every descriptor of lambdabox; the Invoke API adds timeouts."""
+
+    max_connections: int = 128  # beyond it a new connection gets 429 and is closed
+    request_timeout_s: float | None = None  # from a request's first byte to its last (408, then closed)
+    idle_timeout_s: float | None = None  # a connection with nothing asked or answering is closed after it
+    refuse: Refusal = refusal
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Router:
@@ -150,9 +182,18 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
+        self._head = 0  # bytes received since the last request's end, while its headers are not whole
+        self._fields = 0  # bytes of the URL, header names and values of the request being received
+        self._in_body = False  # the headers of the request being received are whole
+        self.receiving = False  # a request begun and not yet whole
+        self.since = 0.0  # (loop time) when the request being received began, or the connection became idle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # a stream's (uvloop's is no subclass)
+        self.since = asyncio.get_running_loop().time()
+        if len(self._server.connections) >= self._server.limits.max_connections:
+            self.refuse(429, f"lambdabox: over {self._server.limits.max_connections} connections to this API")
+            return
         self._server.connections.add(self)
         if self._server.closing:  # accepted as the server began to close: idle, so closed as the idle ones were
             self._transport.close()
@@ -163,10 +204,19 @@ class _Connection(asyncio.Protocol):
         self._queue.clear()  # an answer in progress runs to its end (the core expects it), unwritten
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_body:  # (httptools joins a header's pieces itself: counted here, before it does)
+            self._head += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as error:
+            if not isinstance(refused := error.__context__, _Refused):
+                raise
+            self.refuse(refused.status, str(refused))
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
-            self._fail(400, f"bad request: {error}")
+            self.refuse(400, f"bad request: {error}")
+        else:
+            if not self._in_body and self._head > MAX_HEAD_BYTES:
+                self.refuse(431, f"request line and headers over {MAX_HEAD_BYTES} bytes")
 
     def close(self) -> None:
         if self._transport is not None:
@@ -179,28 +229,42 @@ class _Connection(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._size = 0
+        self._fields = 0
+        self.receiving = True
+        self.since = asyncio.get_running_loop().time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._fields += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += len(name) + len(value)
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
     def on_headers_complete(self) -> None:
+        self._in_body = True
+        if self._fields > MAX_HEAD_BYTES:  # (a head that ended in the piece that took it over the limit)
+            raise _Refused(431, f"request line and headers over {MAX_HEAD_BYTES} bytes")
+        if (length := self._headers.get("content-length", "")).isdigit() and int(length) > MAX_DISCARD_BYTES:
+            raise _Refused(413, f"request body of {length} bytes is over {MAX_DISCARD_BYTES} bytes")
         expect = self._headers.get("expect", "").lower()
         if expect == "100-continue" and self._transport is not None:
             self._transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
+        if self._size > MAX_DISCARD_BYTES:
+            raise _Refused(413, f"request body over {MAX_DISCARD_BYTES} bytes")
         if self._size <= MAX_BODY_BYTES:
             self._body.append(body)
         else:
             self._body = []
 
     def on_message_complete(self) -> None:
+        self.receiving = self._in_body = False
+        self._head = 0
         path, _, query = self._url.decode("latin-1").partition("?")
         method = self._parser.get_method().decode("latin-1")
         oversize = self._size > MAX_BODY_BYTES
@@ -232,14 +296,16 @@ class _Connection(asyncio.Protocol):
             self.close()
         finally:
             self._task = None
+            self.since = asyncio.get_running_loop().time()
 
     @property
     def idle(self) -> bool:
         return self._task is None
 
-    def _fail(self, status: int, message: str) -> None:
-        if self._transport is not None:
-            response = Response(status, message.encode(), content_type="text/plain")
+    def refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` (no handler sees the request) and close the connection."""
+        if self._transport is not None and not self._transport.is_closing():
+            response = self._server.limits.refuse(status, message)
             self._transport.writelines([_encode(response, False), response.body])
             self._transport.close()
 
@@ -248,26 +314,48 @@ class HttpServer:
     """Serves ``router`` on any number of listening sockets until ``close``; each connection's answers are a task of
     ``group``. Use :func:`open_http_server`, which owns the group."""
 
-    def __init__(self, router: Router, group: asyncio.TaskGroup) -> None:
+    def __init__(self, router: Router, group: asyncio.TaskGroup, limits: Limits | None = None) -> None:
         self.router = router
+        self.limits = limits or Limits()
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # answers in progress (some may outlive their connection)
         self.closing = False  # no new connections; each answer in progress closes its connection once given
         self.closed = False  # nothing more is answered: a request arriving now closes its connection
         self._group = group
         self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None  # closes the connections over their time limits
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (0: any free port); the address bound."""
         server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), host, port)
-        self._servers.append(server)
+        self._serving(server)
         address: tuple[str, int] = server.sockets[0].getsockname()[:2]
         return address
 
     async def serve_socket(self, listener: socket.socket) -> None:
         """Serve on a socket already bound and listening (owned by the server from here on)."""
         server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), sock=listener)
+        self._serving(server)
+
+    def _serving(self, server: asyncio.Server) -> None:
         self._servers.append(server)
+        limits = self.limits
+        timeouts = [t for t in (limits.request_timeout_s, limits.idle_timeout_s) if t is not None]
+        if timeouts and self._sweeper is None:
+            self._sweeper = self._group.create_task(self._sweep(min(1.0, max(0.01, min(timeouts) / 4))))
+
+    async def _sweep(self, every_s: float) -> None:
+        """Every ``every_s``: a request taking too long to arrive gets 408; a connection idle too long is closed."""
+        loop, request_s, idle_s = asyncio.get_running_loop(), self.limits.request_timeout_s, self.limits.idle_timeout_s
+        while True:
+            await asyncio.sleep(every_s)
+            now = loop.time()
+            for connection in list(self.connections):
+                if connection.receiving:
+                    if request_s is not None and now - connection.since > request_s:
+                        connection.refuse(408, f"the request was not received whole within {request_s:g} s")
+                elif idle_s is not None and connection.idle and now - connection.since > idle_s:
+                    connection.close()
 
     def start_answering(self, connection: _Connection) -> asyncio.Task[None] | None:
         """A task of the group answering ``connection``'s requests; none once closed (the connection is closed)."""
@@ -283,6 +371,8 @@ class HttpServer:
         """Stop listening and close the idle connections; let the answers in progress be given (each then closes
         its connection) for up to ``grace_s``; then cancel what is left and close every connection."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         for connection in [c for c in self.connections if c.idle]:
@@ -303,11 +393,11 @@ class HttpServer:
 
 
 @contextlib.asynccontextmanager
-async def open_http_server(router: Router) -> AsyncIterator[HttpServer]:
+async def open_http_server(router: Router, limits: Limits | None = None) -> AsyncIterator[HttpServer]:
     """An :class:`HttpServer` for ``router``, listening nowhere yet, owning a task group for its answers; on exit,
     ``close()`` (no grace) unless closed already, and nothing it started is left running."""
     async with open_task_group() as group:
-        server = HttpServer(router, group)
+        server = HttpServer(router, group, limits)
         try:
             yield server
         finally:

@@ -9,12 +9,14 @@ import binascii
 import functools
 import json
 import re
+import resource
 import uuid
 from dataclasses import dataclass
 
-from lambdabox.api.httpserver import Request, Router, json_response
+from lambdabox.api.httpserver import Limits, Request, Router, json_response
 from lambdabox.api.httpserver import Response as HttpResponse
 from lambdabox.api.ports import Answer, Invoker
+from lambdabox.core import jsontext
 from lambdabox.core.errors import ApiError, ErrorType, LambdaboxError, Throttled, error_body
 from lambdabox.core.model import (
     DEFAULT_ACCOUNT_ID,
@@ -31,8 +33,8 @@ EMULATOR_NAME = "function"  # AWS's runtime interface emulator serves /2015-03-3
 SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
 EVENT_PAYLOAD_LIMIT = 1024 * 1024
 CLIENT_CONTEXT_LIMIT = 3583
-INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
-LOG_TYPES = ("None", "Tail")
+INVOCATION_TYPES = ("DryRun", "RequestResponse", "Event")  # in the order of Lambda's message
+LOG_TYPES = ("Tail", "None")
 REQUEST_ID = "x-amzn-RequestId"
 
 _FUNCTION_NAME = re.compile(
@@ -107,12 +109,12 @@ def validate(request: Request, invoker: Invoker) -> Call:
     suffix = f":{qualifier}" if qualifier else ""
     if config is None or not parsed.matches(config) or (qualifier is not None and not _alias_or_latest(qualifier)):
         raise ApiError(404, ErrorType.RESOURCE_NOT_FOUND, f"Function not found: {parsed.arn()}{suffix}")
-    kind = request.header("X-Amz-Invocation-Type") or "RequestResponse"
+    kind = request.headers.get("x-amz-invocation-type", "RequestResponse")  # (sent empty, it is invalid)
     if kind not in INVOCATION_TYPES:
-        raise _invalid("X-Amz-Invocation-Type", kind, INVOCATION_TYPES)
-    log_type = request.header("X-Amz-Log-Type") or "None"
+        raise _invalid("invocationType", kind, INVOCATION_TYPES)
+    log_type = request.headers.get("x-amz-log-type", "None")
     if log_type not in LOG_TYPES:
-        raise _invalid("X-Amz-Log-Type", log_type, LOG_TYPES)
+        raise _invalid("logType", log_type, LOG_TYPES)
     context = client_context(request.header("X-Amz-Client-Context"))
     sync = kind == "RequestResponse"  # Lambda passes the client context, and tails the log, for these only
     return Call(config, config.arn + suffix, kind, sync and log_type == "Tail", context if sync else None)
@@ -144,7 +146,7 @@ def read_payload(request: Request, limit: int) -> bytes:
     if not body.strip():
         return b"{}"
     try:
-        json.loads(body)
+        jsontext.loads(body)
     except ValueError as error:
         message = f"Could not parse request body into json: {error}"
         raise ApiError(400, ErrorType.INVALID_REQUEST_CONTENT, message) from None
@@ -167,8 +169,11 @@ def render_answer(answer: Answer) -> HttpResponse:
 
 
 def service_error(error: ApiError) -> HttpResponse:
-    """A refusal as the SDKs parse it: the type in ``x-amzn-ErrorType``, ``{"Type", "message"[, "Reason"]}``."""
-    body = {"Type": "Service" if error.status >= 500 else "User", "message": error.message}
+    """A refusal as the SDKs parse it: the type in ``x-amzn-ErrorType``, ``{"Type", "message"[, "Reason"]}``; a
+    ValidationException (the API's own input validation) has a ``message`` alone, as Lambda's (ex-aws/ex_aws#442)."""
+    body = {"message": error.message}
+    if error.error_type != ErrorType.VALIDATION:
+        body = {"Type": "Service" if error.status >= 500 else "User", **body}
     if isinstance(error, Throttled):
         body["Reason"] = error.reason
     headers = {"x-amzn-ErrorType": error.error_type, REQUEST_ID: str(uuid.uuid4())}
@@ -188,6 +193,28 @@ async def answer(invoker: Invoker, request: Request) -> HttpResponse:
         return service_error(ApiError(500, ErrorType.SERVICE, f"lambdabox failed: {error!r}"))
 
 
+_REFUSAL_TYPES = {
+    408: ErrorType.REQUEST_TIMEOUT,
+    413: ErrorType.REQUEST_TOO_LARGE,
+    429: ErrorType.TOO_MANY_REQUESTS,
+    431: ErrorType.REQUEST_TOO_LARGE,
+}
+
+
+def refusal(status: int, message: str) -> HttpResponse:
+    """A request refused before it is read whole (too large, too slow, too many connections) as a service error."""
+    return service_error(ApiError(status, _REFUSAL_TYPES.get(status, ErrorType.INVALID_REQUEST_CONTENT), message))
+
+
+def limits() -> Limits:
+    """The Invoke API's limits on its clients: a request sent whole within 60 s, a connection idle for 60 s closed
+    (as load balancers in front of AWS endpoints do; the SDKs reconnect), and connections capped at a quarter of
+    the descriptors lambdabox may open (at most 1,024), leaving the rest to its environments."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = 1024 if soft == resource.RLIM_INFINITY else max(64, min(1024, soft // 4))
+    return Limits(max_connections=cap, request_timeout_s=60.0, idle_timeout_s=60.0, refuse=refusal)
+
+
 def add_routes(router: Router, invoker: Invoker) -> None:
     router.add("POST", PATH, functools.partial(answer, invoker))
 
@@ -197,6 +224,8 @@ def _alias_or_latest(qualifier: str) -> bool:
     return qualifier == LATEST or not _VERSION.fullmatch(qualifier)
 
 
-def _invalid(header: str, value: str, allowed: tuple[str, ...]) -> ApiError:
-    message = f"{header}: {value!r} is not one of {', '.join(allowed)}"
-    return ApiError(400, ErrorType.INVALID_PARAMETER_VALUE, message)
+def _invalid(member: str, value: str, allowed: tuple[str, ...]) -> ApiError:
+    """Lambda's answer to a header outside its enum, as Lambda words it (seen in ex-aws/ex_aws#442)."""
+    message = (f"1 validation error detected: Value '{value}' at '{member}' failed to satisfy constraint: "
+               f"Member must satisfy enum value set: [{', '.join(allowed)}]")  # fmt: skip
+    return ApiError(400, ErrorType.VALIDATION, message)

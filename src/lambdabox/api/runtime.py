@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import functools
-import json
 
 from lambdabox.api.httpserver import Request, Response, Router, json_response
 from lambdabox.api.ports import EnvironmentPort
+from lambdabox.core import jsontext
 from lambdabox.core.errors import ApiError, ErrorType, error_body
 from lambdabox.core.facts import ErrorPosted, InitErrorPosted, ResponsePosted, RuntimeRequestedNext
 
@@ -72,7 +72,7 @@ def _error_request(request: Request) -> tuple[bytes, str]:
     raw = _read_limited(request)
     header = request.header(ERROR_TYPE_HEADER)
     try:
-        parsed = json.loads(raw) if raw.strip() else {}
+        parsed = jsontext.loads(raw) if raw.strip() else {}
     except ValueError:
         parsed = {}
     body_type = parsed.get("errorType") if isinstance(parsed, dict) else None

@@ -50,6 +50,7 @@ class ErrorType(enum.StrEnum):
     INVALID_PARAMETER_VALUE = "InvalidParameterValueException"
     INVALID_REQUEST_CONTENT = "InvalidRequestContentException"
     REQUEST_TOO_LARGE = "RequestTooLargeException"
+    REQUEST_TIMEOUT = "RequestTimeout"  # AWS's word (S3's) for a request not sent whole in time; status 408 here
     RESOURCE_NOT_FOUND = "ResourceNotFoundException"
     SERVICE = "ServiceException"
     TOO_MANY_REQUESTS = "TooManyRequestsException"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard
 from urllib.parse import urlsplit
 
+from lambdabox.core import jsontext
 from lambdabox.core.errors import ApiError, ErrorType
 
 LOGS = "logs"
@@ -262,7 +263,7 @@ def render(api: str, schema_version: str, event: EventLike, *, json_logs: bool =
 
 def _json_object(line: str) -> Any:
     try:
-        value = json.loads(line)
+        value = jsontext.loads(line)
     except ValueError:
         return line
     return value if isinstance(value, dict) else line

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from lambdabox.core import jsontext
 from lambdabox.core.errors import ErrorType, error_body
 from lambdabox.core.model import LATEST, FunctionConfig, FunctionFailure, LambdaFailure, Outcome, Response
 from lambdabox.service.pool import Pool
@@ -221,6 +222,6 @@ def invocation_record(config: FunctionConfig, event: _Event, condition: str) -> 
 
 def _json_or_text(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        return jsontext.loads(data)
     except ValueError:
         return data.decode("utf-8", "replace")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lambdabox.api import invoke as invoke_api
-from lambdabox.api.httpserver import Router, open_http_server
+from lambdabox.api.httpserver import Limits, Router, open_http_server
 from lambdabox.api.invoke import function_name
 from lambdabox.api.ports import Answer
 from lambdabox.core.model import FunctionConfig, Outcome
@@ -42,6 +42,7 @@ class ServerSettings:
     destinations: Path = DEFAULT_DESTINATIONS  # JSON lines: records for destinations that are not functions here
     environment: Options = field(default_factory=Options)
     logs: LogStore | None = None  # where every environment's log lines are kept (none: nowhere)
+    limits: Limits = field(default_factory=invoke_api.limits)  # on the Invoke API's clients
 
 
 def _to_stderr(text: str) -> None:
@@ -266,7 +267,7 @@ async def open_server(
         router = Router()
         invoke_api.add_routes(router, server)
         try:
-            async with open_http_server(router) as http:
+            async with open_http_server(router, server.settings.limits) as http:
                 try:
                     await server.start()
                     server.address = await http.listen(host, port)
