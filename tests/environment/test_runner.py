@@ -199,6 +199,14 @@ def test_out_of_memory(tmp_path: Path) -> None:
     assert result.outcome.error_type == "Runtime.OutOfMemory"
 
 
+def test_every_out_of_memory_is_reported_as_one_not_only_the_first(tmp_path: Path) -> None:
+    """The cgroup's OOM kill counter only grows: each invoke is judged by its rise, not by its value."""
+    config = make_function(tmp_path, "handler.hog", memory_mb=128, extensions={"e": "ext.py"})
+    results = invoke_all(config, [{"mb": 300}, {"mb": 1}, {"mb": 300}, {"mb": 300}])
+    kinds = [r.outcome.error_type if isinstance(r.outcome, LambdaFailure) else "ok" for r in results]
+    assert kinds == ["Runtime.OutOfMemory", "ok", "Runtime.OutOfMemory", "Runtime.OutOfMemory"]
+
+
 def test_response_over_6_mb_is_refused(tmp_path: Path) -> None:
     (result,) = invoke_all(make_function(tmp_path, "handler.big"), [{}])
     assert isinstance(result.outcome, FunctionFailure)
