@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,22 @@ def test_init_error_records_reach_a_subscriber_that_subscribed_during_that_init(
     reports = [r["record"] for r in sink.records() if r["type"] == "platform.initReport"]
     assert [(r["status"], r["errorType"]) for r in reports] == [("error", "RuntimeError")] * 2  # two inits, each seen
     assert sink.types().count("platform.telemetrySubscription") == 2  # the extension subscribed again
+
+
+def test_a_slow_subscriber_neither_lengthens_nor_delays_the_next_invokes(tmp_path: Path) -> None:
+    """Each delivery takes the listener 2 s; invokes that follow one another at once are not held behind it (the
+    environment is not kept from them to let a delivery end before it freezes)."""
+    settings = {"TEL_SLOW_MS": "2000", "TEL_TYPES": "platform,function", "TEL_BUFFERING": '{"timeoutMs": 25}'}
+
+    async def body(env: Environment, sink: Collector) -> list[tuple[float, InvokeResult]]:
+        loop, timed = asyncio.get_running_loop(), []
+        for _ in range(3):
+            started = loop.time()
+            result = await env.invoke(b"{}")
+            timed.append((loop.time() - started, result))
+        return timed
+
+    timed, _ = scenario(subscriber_function(tmp_path, settings=settings), body)
+    for elapsed, result in timed[1:]:
+        assert isinstance(result.outcome, Response)
+        assert result.report.duration_ms < 1000 and elapsed < 1.0, (elapsed, result.report.duration_ms)

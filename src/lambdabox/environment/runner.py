@@ -83,6 +83,7 @@ class Environment:
         self._wake = asyncio.Event()  # the worker has commands to carry out
         self._settled = asyncio.Event()  # every command handed out so far is carried out
         self._settled.set()
+        self._pausing: asyncio.Timeout | None = None  # the wait for deliveries under way before a freeze
         self._processes = Processes(isolation, observers, tasks, now, self._submit_quietly)
         self._timers: dict[f.Timer, asyncio.TimerHandle] = {}
         self._runtime_waiter: asyncio.Future[tuple[f.Invoke, float]] | None = None
@@ -125,6 +126,10 @@ class Environment:
 
     def submit(self, fact: f.Fact) -> None:
         """Hand a fact to the core; ApiError when the core refuses it."""
+        if self._pausing is not None and isinstance(fact, f.InvokeRequested | f.ShutdownRequested):
+            # The environment will not stay frozen: the freeze (and the invoke or shutdown behind it) waits on no
+            # delivery; one under way goes on after the thaw, as on Lambda, where it never adds to a Duration.
+            self._pausing.reschedule(asyncio.get_running_loop().time())
         self._queue.extend(self.lifecycle.handle(fact, self.now()))
         if not self._busy:
             self._carry_out()
@@ -316,9 +321,12 @@ class Environment:
                     async with asyncio.timeout(max(0.0, until - self.now())):
                         await self.hub.flush()
             case f.PauseTelemetry(until=until):
+                if any(type(later) is f.Thaw for later in self._queue):
+                    return  # an invoke or a shutdown came first: a freeze for no time waits on nothing (see submit)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, until - self.now())):
+                    async with asyncio.timeout(max(0.0, until - self.now())) as self._pausing:
                         await self.hub.pause()
+                self._pausing = None
             case _:
                 self._run(command)
 
