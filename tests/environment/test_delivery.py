@@ -477,3 +477,48 @@ def test_pausing_waits_for_the_delivery_under_way() -> None:
             hub.resume()
 
     run(scenario())
+
+
+def test_records_left_at_shutdown_are_counted_and_said() -> None:
+    """delivered + dropped + undelivered = produced when the hub closes on a subscriber that fell behind; the
+    records never delivered, and the drops never reported, are said once."""
+
+    async def scenario() -> tuple[list[str], int, int]:
+        gate, said = asyncio.Event(), []
+        async with open_http(HttpSubscriber(gate=gate)) as server:
+            async with open_hub(request_timeout_s=HELD_S, on_undelivered=said.append) as hub:
+                hub.subscribe("ext", telemetry(server.uri(), ("function",), maxItems=1_000))
+                end_init(hub)
+                gate.clear()
+                for i in range(10_000):  # 4 000 fit the queue, 6 000 drop
+                    hub.observe(line(i))
+                await wait_until(lambda: len(server.posts) == 1, server.changed)  # 1 000 in flight, held
+                stats = hub.stats()["ext"]
+                assert (stats.produced, stats.delivered, stats.dropped_records, stats.undelivered) == (
+                    10_000, 0, 6_000, 4_000,
+                )  # fmt: skip
+            # The hub closed with the batch still in flight: the subscriber had acknowledged nothing.
+            return said, len(server.accepted), stats.produced
+
+    said, accepted, produced = run(scenario())
+    assert accepted == 0 and produced == 10_000
+    assert said == [
+        "lambdabox: 4000 records for extension ext were not delivered before shutdown; 6000 records dropped earlier "
+        "were never reported to it (platform.logsDropped)"
+    ]
+
+
+def test_a_subscriber_that_kept_up_is_said_nothing_of_at_shutdown() -> None:
+    async def scenario() -> list[str]:
+        said: list[str] = []
+        async with open_http() as server:
+            async with open_hub(on_undelivered=said.append) as hub:
+                hub.subscribe("ext", telemetry(server.uri(), ("function",)))
+                end_init(hub)
+                for i in range(100):
+                    hub.observe(line(i))
+                await flush(hub)
+            assert len(server.of_type("function")) == 100
+        return said
+
+    assert run(scenario()) == []

@@ -35,13 +35,14 @@ class _Entry(NamedTuple, Generic[T]):  # a tuple: made once per record, on the h
     item: T
     size: int
     added_at: float
-    report: bool  # a platform.logsDropped record the batcher was asked to add, not a produced record
+    report: int  # > 0: a platform.logsDropped record (of that many drops) the batcher added, not a produced record
 
 
 class Batcher(Generic[T]):
     """One subscriber's buffer. ``add`` records; when ``due``, ``take`` a batch, send it, then ``ack`` it or report
-    it ``failed`` (the same batch comes back from the next ``take``, after a backoff). Records beyond the queue bound
-    are dropped and counted; ``report_drops`` turns the counts into one record, so delivered + dropped = produced."""
+        it ``failed`` (the same batch comes back from the next ``take``, after a backoff). Records beyond the queue bound
+        are dropped and counted; ``report_drops`` turns the counts into one record, so delivered + dropped = produced once
+    nothing is buffered, and delivered + dropped + ``undelivered`` = produced at any time."""
 
     def __init__(
         self,
@@ -76,6 +77,16 @@ class Batcher(Generic[T]):
         return self._queued_bytes + self._inflight_bytes
 
     @property
+    def undelivered(self) -> int:
+        """Produced records neither delivered nor dropped: still buffered (all of them lost if the subscriber ends)."""
+        return self.produced - self.delivered - self.dropped_records
+
+    @property
+    def unreported(self) -> int:
+        """Dropped records whose platform.logsDropped has not been delivered (counted, or queued to be sent)."""
+        return self._pending[0] + sum(entry.report for entry in (*self._inflight, *self._queue))
+
+    @property
     def last_seq(self) -> int:
         return self._seq
 
@@ -87,7 +98,7 @@ class Batcher(Generic[T]):
         if buffered >= self.limit_items or self._queued_bytes + self._inflight_bytes + size > self.limit_bytes:
             self.count_dropped(1, size, produced=False)
             return False
-        self._queue.append(_Entry(self._seq, item, size, now, False))
+        self._queue.append(_Entry(self._seq, item, size, now, 0))
         self._queued_bytes += size
         return True
 
@@ -111,7 +122,7 @@ class Batcher(Generic[T]):
             return False
         item, size = make(records, nbytes)
         self._seq += 1
-        self._queue.append(_Entry(self._seq, item, size, now, True))
+        self._queue.append(_Entry(self._seq, item, size, now, records))
         self._queued_bytes += size
         self._pending = [0, 0]
         self._reports_outstanding += 1

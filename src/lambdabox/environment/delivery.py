@@ -38,7 +38,8 @@ DEFAULT_BACKOFF = Backoff()
 
 @dataclass(frozen=True)
 class SubscriberStats:
-    """One subscriber's accounting: once nothing is buffered, ``delivered + dropped_records == produced``."""
+    """One subscriber's accounting: ``delivered + dropped_records + undelivered == produced`` (``undelivered``: still
+    buffered; once nothing is, none)."""
 
     api: str
     produced: int
@@ -47,6 +48,7 @@ class SubscriberStats:
     dropped_bytes: int
     buffered: int
     failures: int
+    undelivered: int
 
 
 class TelemetryHub:
@@ -61,6 +63,7 @@ class TelemetryHub:
         *,
         json_function_logs: bool = False,
         on_failing: Callable[[str], None] | None = None,
+        on_undelivered: Callable[[str], None] | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         failing_after: int = FAILING_AFTER,
         backoff: Backoff = DEFAULT_BACKOFF,
@@ -72,6 +75,7 @@ class TelemetryHub:
         self.json_function_logs = json_function_logs
         self.socket_factory = socket_factory  # read when a subscriber subscribes
         self.on_failing = on_failing
+        self.on_undelivered = on_undelivered  # told, as a subscriber ends, of the records it never got
         self.request_timeout_s = request_timeout_s
         self.failing_after = failing_after
         self.backoff = backoff
@@ -238,7 +242,7 @@ class _Subscriber:
     def stats(self) -> SubscriberStats:
         b = self.batcher
         return SubscriberStats(
-            self.api, b.produced, b.delivered, b.dropped_records, b.dropped_bytes, b.buffered, b.failures
+            self.api, b.produced, b.delivered, b.dropped_records, b.dropped_bytes, b.buffered, b.failures, b.undelivered
         )
 
     async def close(self) -> None:
@@ -249,6 +253,16 @@ class _Subscriber:
             if not waiter.done():
                 waiter.set_result(None)
         await self.sender.close()
+        self._tell_undelivered()
+
+    def _tell_undelivered(self) -> None:
+        """The records this subscriber will never get, said once as it ends (its listener is gone, or going)."""
+        undelivered, unreported = self.batcher.undelivered, self.batcher.unreported
+        if (undelivered or unreported) and self.hub.on_undelivered is not None:
+            text = f"lambdabox: {undelivered} records for extension {self.name} were not delivered before shutdown"
+            if unreported:
+                text += f"; {unreported} records dropped earlier were never reported to it (platform.logsDropped)"
+            self.hub.on_undelivered(text)
 
     async def _run(self) -> None:
         try:

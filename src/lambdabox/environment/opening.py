@@ -111,6 +111,7 @@ async def open_environment(
                 epoch=clock.now,
                 socket_factory=None if netns is None else netns.socket,
                 on_failing=lambda name: told.log(f"lambdabox: deliveries to {name}'s listener keep failing; retrying"),
+                on_undelivered=lambda text: told.log(text),  # noqa: PLW0108 (told is bound below)
             )
         )
         told = Observers(observers, clock.now, telemetry=hub.observe)
