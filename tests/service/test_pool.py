@@ -408,3 +408,22 @@ def test_each_environment_gets_observers_of_its_own(tmp_path: Path) -> None:
         assert {s.environment for s in timeline.sections} == {timeline.environment}
         seen.append(timeline.sections[1].request_id)
     assert sorted(seen) == sorted(r.result.request_id for r in ran)  # each invoke in its own environment's timeline
+
+
+def test_a_serial_caller_is_never_throttled_and_keeps_one_environment(tmp_path: Path) -> None:
+    """Reserved concurrency 1 and an extension: each invoke's environment is free again before its answer is read,
+    so 300 invokes one after another are all served, by the one environment."""
+    template = write_template(
+        tmp_path, "Fn:\n  Type: AWS::Serverless::Function\n  Properties: {Handler: handler.ok, "
+        "ReservedConcurrentExecutions: 1}\n", extension=True,
+    )  # fmt: skip
+
+    async def main() -> None:
+        async with serving(template) as served:
+            client = served.client()
+            for _ in range(300):
+                response = await asyncio.to_thread(client.invoke, FunctionName="Fn")
+                assert response["StatusCode"] == 200 and "FunctionError" not in response
+            assert served.events.count("platform.initStart") == 1
+
+    run(main(), timeout=120)
