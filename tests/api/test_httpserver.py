@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -404,3 +405,27 @@ def test_a_whole_head_over_the_limit_in_one_piece_gets_431(monkeypatch: pytest.M
     monkeypatch.setattr(httpserver, "MAX_HEAD_BYTES", 1000)
     status, _, body, rest = refused(post("/echo", b"{}", "X-Big: " + "a" * 2000))
     assert (status, body["errorType"], rest) == (431, "RequestEntityTooLarge", b"")
+
+
+def test_a_graceful_close_answers_requests_sent_before_it_on_connections_not_yet_accepted() -> None:
+    """Connections still in the listener's backlog, their requests sent, when the close begins: each is answered."""
+
+    async def go() -> list[int]:
+        router = Router()
+        router.add("POST", "/echo", echo)
+        async with open_http_server(router) as server:
+            address = await server.listen("127.0.0.1", 0)
+            sockets = []
+            for _ in range(5):  # connected and sent by the kernel; the loop has not run to accept them
+                client = socket.create_connection(address)
+                client.sendall(post("/echo", b"{}"))
+                sockets.append(client)
+            await server.close(5)
+        statuses = []
+        for client in sockets:
+            client.settimeout(5)
+            with client, client.makefile("rb") as answer:
+                statuses.append(int(answer.readline().split()[1]))
+        return statuses
+
+    assert run(go(), timeout=15) == [200] * 5

@@ -15,12 +15,14 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 import psutil
+from botocore.exceptions import EndpointConnectionError
 
 from lambdabox.sandbox import leftovers
 from lambdabox.sandbox.cgroups import CGROUP_ROOT, V2_PARENT
@@ -197,3 +199,27 @@ def test_a_bad_template_is_refused_before_anything_listens(tmp_path: Path) -> No
     done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=False)
     assert done.returncode == 1 and done.stdout == ""
     assert str(template) in done.stderr and "Echo" in done.stderr and "Timeout" in done.stderr
+
+
+def test_sigterm_right_after_a_burst_answers_every_caller(tmp_path: Path) -> None:
+    """20 invokes sent at once, SIGTERM at once: each caller gets its answer, or (connecting after the server stopped
+    listening) a refused connection; none has its request taken and its connection closed unanswered."""
+    template = write_template(tmp_path, FUNCTIONS, extension=True)
+    for _ in range(2):
+        with start_lambda(template) as (process, url, _, err):
+            client = lambda_client(url)
+
+            def call(client: Any = client) -> str:
+                try:
+                    return str(client.invoke(FunctionName="Echo", Payload=b"{}")["StatusCode"])
+                except EndpointConnectionError:
+                    return "refused"
+                except Exception as error:
+                    return repr(error)
+
+            with ThreadPoolExecutor(20) as callers:
+                calls = [callers.submit(call) for _ in range(20)]
+                os.kill(process.pid, signal.SIGTERM)
+                answers = [c.result(timeout=WAIT_S) for c in calls]
+            assert process.wait(timeout=WAIT_S) == 0, "\n".join(err.rest())
+            assert set(answers) <= {"200", "refused"}, answers

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import http
 import json
+import os
 import re
 import socket
 import sys
@@ -34,6 +35,8 @@ MAX_HEAD_BYTES = 1024 * 1024
 """Request line and headers: Lambda's Runtime API is Go's net/http, whose default ``MaxHeaderBytes`` is 1 MiB (431)."""
 MAX_DISCARD_BYTES = 64 * 1024 * 1024
 """A body longer than this is refused (413) without reading it: its connection is closed."""
+DRAIN_S = 0.1
+"""At a graceful close, how long idle connections stay open for requests already on their way."""
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
@@ -195,7 +198,7 @@ class _Connection(asyncio.Protocol):
             self.refuse(429, f"lambdabox: over {self._server.limits.max_connections} connections to this API")
             return
         self._server.connections.add(self)
-        if self._server.closing:  # accepted as the server began to close: idle, so closed as the idle ones were
+        if self._server.closed:  # accepted as the server closed: nothing more is answered
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -369,13 +372,22 @@ class HttpServer:
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop listening and close the idle connections; let the answers in progress be given (each then closes
-        its connection) for up to ``grace_s``; then cancel what is left and close every connection."""
+        its connection) for up to ``grace_s``; then cancel what is left and close every connection.
+
+        With a grace, no request a client has sent is lost: the connections waiting to be accepted are accepted,
+        and the idle ones are closed only after a moment (``DRAIN_S``) in which requests already on their way
+        arrive; each is answered (and its connection closed) within the grace."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if grace_s > 0:
+            for server in self._servers:
+                await self._accept_waiting(server)
         for server in self._servers:
             server.close()
-        for connection in [c for c in self.connections if c.idle]:
+        if grace_s > 0:
+            await asyncio.sleep(min(grace_s, DRAIN_S))
+        for connection in [c for c in self.connections if c.idle and not c.receiving]:
             connection.close()
         if self.tasks and grace_s > 0:
             await asyncio.wait(set(self.tasks), timeout=grace_s)
@@ -390,6 +402,20 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+
+    async def _accept_waiting(self, server: asyncio.Server) -> None:
+        """Accept the connections in ``server``'s backlog (closing it would reset them, their requests unread)."""
+        loop = asyncio.get_running_loop()
+        for listener in server.sockets:
+            with socket.socket(fileno=os.dup(listener.fileno())) as duplicate:
+                duplicate.setblocking(False)
+                while True:
+                    try:
+                        accepted, _ = duplicate.accept()
+                    except OSError:  # BlockingIOError: none waiting
+                        break
+                    accepted.setblocking(False)
+                    await loop.connect_accepted_socket(lambda: _Connection(self), accepted)
 
 
 @contextlib.asynccontextmanager
