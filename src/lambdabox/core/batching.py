@@ -40,9 +40,9 @@ class _Entry(NamedTuple, Generic[T]):  # a tuple: made once per record, on the h
 
 class Batcher(Generic[T]):
     """One subscriber's buffer. ``add`` records; when ``due``, ``take`` a batch, send it, then ``ack`` it or report
-        it ``failed`` (the same batch comes back from the next ``take``, after a backoff). Records beyond the queue bound
-        are dropped and counted; ``report_drops`` turns the counts into one record, so delivered + dropped = produced once
-    nothing is buffered, and delivered + dropped + ``undelivered`` = produced at any time."""
+    it ``failed`` (the same batch comes back from the next ``take``, after a backoff). Records beyond the queue bound
+    are dropped and counted; ``report_drops`` turns the counts into one record. Once nothing is buffered, delivered +
+    dropped = produced; at any time, delivered + dropped + ``undelivered`` = produced."""
 
     def __init__(
         self,
