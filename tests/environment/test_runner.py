@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -390,3 +391,21 @@ def test_a_command_that_fails_is_reported_and_the_next_ones_go_on(
     assert body(first)["event"] == {"n": 1} and body(second)["event"] == {"n": 2}
     failures = [line for line in recorder.lines("lambdabox") if line.startswith("lambdabox: Freeze failed")]
     assert len(failures) == 2 and "the freezer refused" in failures[0]
+
+
+def test_zipped_code_and_layer_are_extracted_once_for_every_environment(tmp_path: Path, recorder: Recorder) -> None:
+    """Two environments (one after the other) of a function whose code and extension layer are zips: both run from
+    the two trees the first one's staging put in the cache (tests/sandbox/test_filesystem.py: nothing is extracted
+    twice)."""
+    config = make_function(tmp_path, "handler.echo_env", extensions={"e": "ext.py"})
+    code_zip = Path(shutil.make_archive(str(tmp_path / "code"), "zip", config.code))
+    assert config.layers[0].content.suffix == ".zip"
+    config = dataclasses.replace(config, code=code_zip)
+    cache = tmp_path / "cache"
+    options = Options(cache_dir=cache)
+    first = invoke_all(config, [{"keys": ["LAMBDA_TASK_ROOT"]}], recorder, options)
+    trees = sorted((cache / "staged").iterdir())
+    second = invoke_all(config, [{"keys": ["LAMBDA_TASK_ROOT"]}], recorder, options)
+    assert isinstance(first[0].outcome, Response) and isinstance(second[0].outcome, Response)
+    assert len(trees) == 2 and sorted((cache / "staged").iterdir()) == trees
+    assert len(recorder.extension_says("registered")) == 2  # the layer's extension ran in both

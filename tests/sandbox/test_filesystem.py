@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from lambdabox.core.errors import LayerError
 from lambdabox.core.model import FunctionConfig, LayerConfig
-from lambdabox.sandbox import filesystem
+from lambdabox.sandbox import codecache, filesystem
 from lambdabox.sandbox.filesystem import MAX_UNZIPPED_BYTES, StagedCode, extract_zip, stage_function
 
 Entry = tuple[str, bytes | str, int]  # name, data (str: symlink target), mode (0 for a symlink)
@@ -228,7 +229,7 @@ def function(code: Path, *layers: Path) -> FunctionConfig:
 
 def code_dir(tmp_path: Path) -> Path:
     code = tmp_path / "src"
-    code.mkdir()
+    code.mkdir(parents=True)
     (code / "app.py").write_text("def handler(e, c): return e\n")
     return code
 
@@ -402,13 +403,13 @@ def test_stage_of_a_small_function_does_only_the_work_its_files_need(
     monkeypatch.setattr(filesystem, "_write", write)
     monkeypatch.setattr(filesystem, "_disk_links", walk)
     monkeypatch.setattr(zipfile.ZipFile, "open", member)
-    for _ in range(3):  # the same work each time: nothing of an earlier staging is re-read
+    for round_ in range(3):  # the same work each time, but for the layer's size (read once while it is unchanged)
         for seen in (scanned, opened, written, walked, members):
             seen.clear()
         staged = stage_function(config, tmp_path / "work")
         assert staged.task == code and not (tmp_path / "work" / "task").exists()
         assert scanned == [code]
-        assert opened == [layer, layer]
+        assert opened == ([layer, layer] if round_ == 0 else [layer])
         assert written == [len(b"x = 1\n" * 50) * 20]  # the layer's file bytes, once
         assert sorted(members) == sorted([name for name, _, _ in entries] + ["python/link.py"])  # each read once
         assert walked == []
@@ -436,3 +437,89 @@ def test_extract_refuses_encrypted_entries(tmp_path: Path) -> None:
     with pytest.raises(LayerError, match=re.escape("'secret.txt' is encrypted")):
         extract_zip(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"), [(stat.S_IFIFO, "a FIFO"), (stat.S_IFCHR, "a character device"), (stat.S_IFBLK, "a block device")]
+)
+def test_extract_refuses_device_and_fifo_entries(tmp_path: Path, kind: int, what: str) -> None:
+    archive = tmp_path / "special.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("dev/thing")
+        info.create_system = 3
+        info.external_attr = (kind | 0o644) << 16
+        zf.writestr(info, b"")
+    with pytest.raises(LayerError, match=re.escape(f"'dev/thing' is {what}")):
+        extract_zip(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_refuses_a_file_entry_that_appears_twice(tmp_path: Path) -> None:
+    archive = tmp_path / "twice.zip"
+    with pytest.warns(UserWarning, match="Duplicate name"):  # (zipfile warns as it writes one)
+        make_zip(archive, [("d/", b"", 0o755), ("d/", b"", 0o755), ("d/a.py", b"1", 0o644), ("d/a.py", b"2", 0o644)])
+    with pytest.raises(LayerError, match=re.escape("'d/a.py' appears more than once")):
+        extract_zip(archive, tmp_path / "out")
+
+
+# --- the cache of extracted zips -------------------------------------------------------------------
+
+
+def test_a_cache_extracts_each_content_once_and_follows_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code = make_zip(tmp_path / "code.zip", [("app.py", b"code", 0o644)])
+    layer = make_zip(tmp_path / "layer.zip", [("extensions/ext", b"#!/bin/sh\n", 0o755)])
+    extracted: list[Path] = []
+    real_extract = filesystem.extract_zip
+
+    def counting(archive: Path, target: Path) -> int:
+        extracted.append(archive)
+        return real_extract(archive, target)
+
+    monkeypatch.setattr(filesystem, "extract_zip", counting)
+    cache = tmp_path / "cache"
+    first = stage_function(function(code, layer), tmp_path / "w1", cache)
+    second = stage_function(function(code, layer), tmp_path / "w2", cache)
+    assert first == second and first.task.parent == first.opt.parent == cache
+    assert tree(first.task) == {"app.py": "code"} and mode_of(first.opt / "extensions" / "ext") == 0o755
+    assert extracted == [code, layer]  # the second environment extracted nothing
+    assert not (tmp_path / "w2" / "task").exists() and not (tmp_path / "w2" / "opt").exists()
+    make_zip(code, [("app.py", b"changed", 0o644)])
+    third = stage_function(function(code, layer), tmp_path / "w3", cache)
+    assert third.opt == first.opt and third.task != first.task and tree(third.task) == {"app.py": "changed"}
+    assert sorted(p.name for p in cache.iterdir()) == sorted({first.task.name, first.opt.name, third.task.name})
+
+
+def test_a_directory_layer_is_copied_at_every_stage_even_with_a_cache(tmp_path: Path) -> None:
+    layer = tmp_path / "layer"
+    (layer / "python").mkdir(parents=True)
+    (layer / "python" / "m.py").write_text("1")
+    zipped = make_zip(tmp_path / "z.zip", [("python/z.py", b"z", 0o644)])
+    staged = stage_function(function(code_dir(tmp_path), zipped, layer), tmp_path / "w1", tmp_path / "cache")
+    assert staged.opt == tmp_path / "w1" / "opt" and tree(staged.opt)["python/m.py"] == "1"
+    (layer / "python" / "m.py").write_text("2")  # edited between two cold starts: the next one sees it
+    staged = stage_function(function(code_dir(tmp_path / "x"), zipped, layer), tmp_path / "w2", tmp_path / "cache")
+    assert tree(staged.opt)["python/m.py"] == "2"
+
+
+def test_concurrent_builders_of_one_tree_leave_one_tree(tmp_path: Path) -> None:
+    layer = make_zip(tmp_path / "layer.zip", [(f"python/m{i}.py", b"x", 0o644) for i in range(200)])
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(4) as pool:
+        staged = list(pool.map(lambda i: stage_function(function(code_dir(tmp_path / str(i)), layer),
+                                                        tmp_path / f"w{i}", cache), range(4)))  # fmt: skip
+    assert len({s.opt for s in staged}) == 1 and [p.name for p in cache.iterdir()] == [staged[0].opt.name]
+    assert len(tree(staged[0].opt)) == 201
+
+
+def test_prune_removes_trees_unused_for_a_week_and_abandoned_builds(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    for name, age in (("fresh", 3600.0), ("old", codecache.PRUNE_AFTER_S + 1), (".building-x", 3601.0),
+                      (".building-y", 60.0)):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    removed = codecache.prune(tmp_path, now)
+    assert sorted(p.name for p in removed) == [".building-x", "old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".building-y", "fresh"]

@@ -71,7 +71,9 @@ async def open_environment(
     work_dir = Path(tempfile.mkdtemp(prefix=leftovers.temporary_prefix(config.logical_id)))
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(shutil.rmtree, work_dir, True)
-        staged = stage_function(config, work_dir)
+        # Off the loop (a layer can hold tens of thousands of files); isolated, zips are extracted once per content.
+        cache = options.cache_dir / "staged" if options.isolate else None
+        staged = await asyncio.to_thread(stage_function, config, work_dir, cache)
         extensions = discover_extensions(staged.opt, str(config.template or config.code))
         (work_dir / "tmp").mkdir(mode=0o1777, exist_ok=True)
         keep = _keep_paths(config.runtime, options.cache_dir)

@@ -4,6 +4,7 @@ and staging of a function's /var/task and /opt, within Lambda's 250 MB unzipped 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from typing import Final
 
 from lambdabox.core.errors import LayerError
 from lambdabox.core.model import FunctionConfig
+from lambdabox.sandbox import codecache
 
 MAX_UNZIPPED_BYTES = 250 * 1024 * 1024  # code plus all layers
 _MAX_LINK_HOPS: Final = 40  # as Linux's path resolution
@@ -217,14 +219,25 @@ def _write(source: str, root: Path, entries: list[_Entry], archive: zipfile.ZipF
 # --- zips and directories --------------------------------------------------------------------------
 
 
+_SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+            stat.S_IFSOCK: "a socket"}  # fmt: skip
+
+
 def _zip_entries(source: str, archive: zipfile.ZipFile) -> list[_Entry]:
     entries: list[_Entry] = []
+    seen: set[str] = set()  # paths of files and symlinks
     for info in archive.infolist():
         path = _entry_path(info.filename)
         if path is None:
             raise LayerError(source, f"entry {info.filename!r} escapes the extraction directory")
         if not path:
             continue  # "./"
+        if (special := _SPECIAL.get(stat.S_IFMT(info.external_attr >> 16))) is not None:
+            raise LayerError(source, f"entry {path!r} is {special}: only files, directories and symlinks are extracted")
+        if not info.is_dir():
+            if path in seen:
+                raise LayerError(source, f"entry {path!r} appears more than once (which one is meant?)")
+            seen.add(path)
         if info.flag_bits & 0x1:
             raise LayerError(source, f"entry {path!r} is encrypted")
         if info.compress_type not in _COMPRESSIONS:
@@ -253,6 +266,16 @@ def _open_zip(archive: Path) -> zipfile.ZipFile:
 
 
 def _zip_size(archive: Path) -> int:
+    """The bytes ``archive`` unzips to (read from its central directory once while the file is unchanged)."""
+    try:
+        st = archive.stat()
+    except OSError:  # refused by _open_zip, which names the archive and the reason
+        return _read_zip_size(archive, 0, 0, 0, 0)
+    return _read_zip_size(archive, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_zip_size(archive: Path, device: int, inode: int, size: int, mtime_ns: int) -> int:
     with _open_zip(archive) as zf:
         return sum(info.file_size for info in zf.infolist())
 
@@ -310,9 +333,11 @@ def _copy_dir(layer: Path, entries: list[_Entry], target: Path) -> int:
 # --- staging ---------------------------------------------------------------------------------------
 
 
-def stage_function(config: FunctionConfig, work_dir: Path) -> StagedCode:
-    """Lay out ``config``'s code and layers under ``work_dir``: a code directory is used in place, a .zip
-    is extracted to ``work_dir/task``; layers are merged in order into ``work_dir/opt``.
+def stage_function(config: FunctionConfig, work_dir: Path, cache: Path | None = None) -> StagedCode:
+    """Lay out ``config``'s code and layers: a code directory is used in place, a .zip is extracted to
+    ``work_dir/task``; layers are merged in order into ``work_dir/opt``. With a ``cache``
+    (:mod:`lambdabox.sandbox.codecache`), a code zip, and layers that are all zips, are extracted there once per
+    content instead, and used from there.
     """
     sources = [config.code, *(layer.content for layer in config.layers)]
     scans: dict[Path, list[_Entry]] = {}
@@ -329,6 +354,7 @@ def stage_function(config: FunctionConfig, work_dir: Path) -> StagedCode:
             f"code and layers unzip to {total} bytes; Lambda allows at most {MAX_UNZIPPED_BYTES} bytes "
             f"({MAX_UNZIPPED_BYTES // (1024 * 1024)} MB) unzipped",
         )
+    layers = [layer.content for layer in config.layers]
     task_dir, opt = work_dir / "task", work_dir / "opt"
     for stale in (task_dir, opt):
         if os.path.lexists(stale):
@@ -336,17 +362,35 @@ def stage_function(config: FunctionConfig, work_dir: Path) -> StagedCode:
     try:
         task = config.code
         if config.code not in scans:
-            task = task_dir
-            extract_zip(config.code, task_dir)
+            task = _cached(cache, [config.code]) or task_dir
+            if task is task_dir:
+                extract_zip(config.code, task_dir)
+        if layers and not any(layer in scans for layer in layers) and (cached := _cached(cache, layers)) is not None:
+            return StagedCode(task=task, opt=cached)
         opt.mkdir(parents=True)
-        for layer in config.layers:
-            if layer.content in scans:
-                _copy_dir(layer.content, scans[layer.content], opt)
+        for layer in layers:
+            if layer in scans:
+                _copy_dir(layer, scans[layer], opt)
             else:
-                extract_zip(layer.content, opt)
+                extract_zip(layer, opt)
     except BaseException:
         for partial in (task_dir, opt):
             if os.path.lexists(partial):
                 _clear(partial, keep_dir=False)
         raise
     return StagedCode(task=task, opt=opt)
+
+
+def _cached(cache: Path | None, archives: list[Path]) -> Path | None:
+    """The cache's tree of ``archives`` (built now if it is not there), or None without a cache."""
+    if cache is None:
+        return None
+
+    def build(directory: Path) -> None:
+        for archive in archives:
+            extract_zip(archive, directory)
+
+    try:
+        return codecache.tree(cache, archives, build)
+    except OSError as error:
+        raise LayerError(str(archives[-1]), f"cannot cache its extraction in {cache}: {error}") from None
