@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from support import Recorder
 
@@ -20,3 +21,12 @@ def _log_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
+
+
+# Property-based suites (tests/fuzz_support.py): the same examples in every run, none kept on disk; a longer, random
+# run with --hypothesis-profile=long.
+settings.register_profile("ci", max_examples=150, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+settings.register_profile("long", max_examples=5_000, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+settings.load_profile("ci")
