@@ -13,9 +13,10 @@ import struct
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import IO, Protocol, cast
+from typing import Protocol, cast
 
 from lambdabox.core.errors import SandboxError
+from lambdabox.loop import read_pipe
 
 LogSink = Callable[[str, str], None]
 """``(source label, one log record's text)``."""
@@ -160,7 +161,7 @@ class _Capture(asyncio.Protocol):
 
 async def _connect(fd: int, label: str, sink: LogSink, framed: bool) -> _Capture:
     loop = asyncio.get_running_loop()
-    pipe: IO[bytes] = os.fdopen(fd, "rb", buffering=0)
+    pipe = read_pipe(fd)
     try:
         _, protocol = await loop.connect_read_pipe(lambda: _Capture(label, sink, framed), pipe)
     except BaseException:
