@@ -36,12 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import LogTail, ms
+from common import LOOPS, LogTail, ms, run_on
 
 from lambdabox.core.model import FunctionConfig, Response
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
-from lambdabox.loop import run as run_loop
 from lambdabox.sandbox.runtime import resolve_runtime
 
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -200,13 +199,14 @@ async def main(rounds: int) -> None:
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="the event loop (lambdabox runs on uvloop)")
     args = parser.parse_args()
 
     async def bounded() -> None:
         async with asyncio.timeout(BUDGET_S):
             await main(args.rounds)
 
-    run_loop(bounded())
+    run_on(args.loop, bounded())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+from collections.abc import Coroutine
+from typing import Any
+
+import uvloop
 
 from lambdabox.environment.report import TelemetryEvent
 
@@ -30,3 +35,12 @@ class LogTail:
 
     def failure(self, outcome: object) -> RuntimeError:
         return RuntimeError(f"unexpected outcome: {outcome!r}; last output:\n" + "\n".join(self.lines))
+
+
+LOOPS = ("uvloop", "asyncio")
+
+
+def run_on(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on lambdabox's loop (uvloop) or on asyncio's own, as ``--loop`` says (to compare the two)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop) as runner:
+        runner.run(main)

@@ -129,7 +129,10 @@ async def main(template, destinations, max_concurrency):
             }
             print(json.dumps({"pools": pools, "reports": reports}), flush=True)
 
-from lambdabox.loop import run
+if os.environ.get("BENCH_LOOP") == "asyncio":  # (--loop asyncio: compare lambdabox on asyncio's own loop)
+    run = asyncio.run
+else:
+    from lambdabox.loop import run
 run(main(*sys.argv[1:]))
 """
 
@@ -138,7 +141,10 @@ run(main(*sys.argv[1:]))
 FLOOR = """\
 import asyncio, json, os, signal, sys
 from lambdabox.api.httpserver import Response, Router, open_http_server
-from lambdabox.loop import run
+if os.environ.get("BENCH_LOOP") == "asyncio":  # (--loop asyncio: compare lambdabox on asyncio's own loop)
+    run = asyncio.run
+else:
+    from lambdabox.loop import run
 
 async def invoke(request):
     return Response(200, b"null")
@@ -649,7 +655,10 @@ def run() -> None:
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--block-s", type=float, default=0.25)
     parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the servers' event loop (lambdabox runs on uvloop)")  # fmt: skip
     args = parser.parse_args()
+    os.environ["BENCH_LOOP"] = args.loop  # read by the server processes
     with budget(BUDGET_S):
         main(args.rounds, args.block_s, args.warmup_s)
 

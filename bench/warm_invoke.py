@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import LogTail, ms, percentile
+from common import LOOPS, LogTail, ms, percentile, run_on
 
 from lambdabox.api.httpserver import Request, Response, Router, open_http_server
 from lambdabox.core.model import FunctionConfig, LayerConfig
@@ -55,7 +55,6 @@ from lambdabox.core.model import Response as InvokeResponse
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
 from lambdabox.environment.runner import Environment
-from lambdabox.loop import run as run_loop
 
 BASE_PYTHON = getattr(sys, "_base_executable", "") or sys.executable
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -313,13 +312,14 @@ def run() -> None:
     parser.add_argument("--invokes", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--block", type=int, default=50)
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="the event loop (lambdabox runs on uvloop)")
     args = parser.parse_args()
 
     async def bounded() -> None:
         async with asyncio.timeout(BUDGET_S):
             await main(args.warmup, args.invokes, args.block)
 
-    run_loop(bounded())
+    run_on(args.loop, bounded())
 
 
 if __name__ == "__main__":
