@@ -429,3 +429,20 @@ def test_a_graceful_close_answers_requests_sent_before_it_on_connections_not_yet
         return statuses
 
     assert run(go(), timeout=15) == [200] * 5
+
+
+def test_a_head_request_gets_no_body_and_the_connection_stays_in_step() -> None:
+    async def go() -> tuple[bytes, int, bytes]:
+        async with serving() as (host, port):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"HEAD /echo HTTP/1.1\r\nHost: x\r\n\r\n" + post("/echo", b"next"))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # (no body may follow it)
+                status, _, body = await read_response(reader)
+                return head, status, body
+            finally:
+                writer.close()
+
+    head, status, body = run(go(), timeout=15)
+    assert head.startswith(b"HTTP/1.1 405 ") and b"Content-Length: " in head
+    assert status == 200 and json.loads(body)["text"] == "next"  # the next answer came right after the head

@@ -290,7 +290,8 @@ class _Connection(asyncio.Protocol):
                 if self._transport is None or self._transport.is_closing():
                     return
                 keep_alive = keep_alive and not self._server.closing
-                self._transport.writelines([_encode(response, keep_alive), response.body])
+                body = b"" if request.method == "HEAD" else response.body  # (its Content-Length says the size)
+                self._transport.writelines([_encode(response, keep_alive), body])
                 if not keep_alive:
                     self._transport.close()
                     return
