@@ -4,8 +4,10 @@ gone, and the temporary directories removed once per process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,42 @@ def test_another_users_temporary_directories_are_left_to_them(tmp_path: Path, mo
     monkeypatch.setattr(os, "geteuid", lambda: theirs.stat().st_uid + 1)
     assert leftovers.remove_temporary_dirs(tmp_path) == []
     assert theirs.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to nobody in a forked child")
+def test_a_tree_its_owner_made_unwritable_is_removed_all_the_same() -> None:
+    """As a function running as this user leaves its /tmp in degraded mode: directories of mode 0500 and 0, a symlink
+    out of the tree (whose target must keep its mode). Done by ``nobody`` in a child, where the modes bind (in a
+    directory of /tmp it can reach: pytest's are root's own)."""
+    base = Path(tempfile.mkdtemp(prefix="lambdabox-test-"))
+    os.chmod(base, 0o755)
+    os.chown(base, 65534, 65534)  # (as /tmp is the user's to remove their own entries from)
+    work, outside = base / "work", base / "outside"
+    for directory in (work, outside):
+        directory.mkdir(mode=0o755)
+        os.chown(directory, 65534, 65534)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody from here on; reports what it saw, then exits without pytest's teardown
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            (work / "tmp" / "locked" / "deep").mkdir(parents=True)
+            (work / "tmp" / "locked" / "deep" / "file").write_text("x")
+            (work / "tmp" / "locked" / "out").symlink_to(outside)
+            os.chmod(work / "tmp" / "locked" / "deep", 0)
+            os.chmod(work / "tmp" / "locked", 0o500)
+            shutil.rmtree(work, ignore_errors=True)
+            plain_left = work.exists()
+            leftovers.remove_tree(work)
+            os.write(write, f"{plain_left} {work.exists()} {oct(outside.stat().st_mode & 0o777)}".encode())
+        except BaseException as error:
+            os.write(write, repr(error).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        said = answer.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(base)
+    assert said == "True False 0o755"  # rmtree alone left it; remove_tree took it all; the link's target untouched

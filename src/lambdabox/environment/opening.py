@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -70,7 +69,7 @@ async def open_environment(
     clock = Clock()
     work_dir = Path(tempfile.mkdtemp(prefix=leftovers.temporary_prefix(config.logical_id)))
     async with contextlib.AsyncExitStack() as stack:
-        stack.callback(shutil.rmtree, work_dir, True)
+        stack.callback(leftovers.remove_tree, work_dir)
         # Off the loop (a layer can hold tens of thousands of files); isolated, zips are extracted once per content.
         cache = options.cache_dir / "staged" if options.isolate else None
         staged = await asyncio.to_thread(stage_function, config, work_dir, cache)

@@ -7,6 +7,7 @@ per process and place (:func:`first_time`), saying what it removed. Stdlib only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -78,13 +79,30 @@ def remove_temporary_dirs(parent: Path | None = None) -> list[str]:
     uid = os.geteuid()  # another user's are theirs to remove (root's included)
     found = [path for path in orphans(parent, TEMPORARY_PREFIX) if uid == 0 or _owner_uid(path) == uid]
     for path in found:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     left = [path for path in found if path.exists()]
     said = [f"could not remove {path}, left by a lambdabox process that is gone" for path in left]
     if removed := len(found) - len(left):
         what = "a temporary directory" if removed == 1 else f"{removed} temporary directories"
         said.insert(0, f"removed {what} in {parent} left by lambdabox processes that are gone")
     return said
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything under it, also what its owner made unwritable (a function running as this user,
+    in degraded mode, may leave a directory of mode 0500 or 0 in its /tmp; root needs no such help); what still
+    cannot be removed is left, as ``shutil.rmtree(ignore_errors=True)`` leaves it."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path) or os.path.islink(path):
+        return
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for directory, subdirectories, _ in os.walk(path):  # top-down: each directory opened up before it is listed
+        for name in (os.path.join(directory, d) for d in subdirectories):
+            if not os.path.islink(name):  # (chmod would follow a symlink out of the tree)
+                with contextlib.suppress(OSError):
+                    os.chmod(name, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _owner_uid(path: Path) -> int | None:
