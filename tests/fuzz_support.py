@@ -95,7 +95,8 @@ def exchange(address: tuple[str, int], request: bytes) -> Answer:
     """Send one raw request on a new connection; the answer (which must come, and parse as HTTP/1.1)."""
     with socket.create_connection(address, timeout=ANSWER_S) as conn:
         conn.sendall(request)
-        response = http.client.HTTPResponse(conn)
+        method = request.split(b" ", 1)[0].decode("latin-1")  # (a HEAD's answer has no body to read)
+        response = http.client.HTTPResponse(conn, method=method)
         response.begin()
         body = response.read()
         return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
