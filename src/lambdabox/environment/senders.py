@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from collections.abc import Callable
-
-import aiohttp
-from yarl import URL
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from lambdabox.core.telemetry import Destination
+
+if TYPE_CHECKING:
+    import aiohttp
+    import yarl
 
 MAX_ANSWER_BYTES = 64 * 1024  # of a subscriber's HTTP answer body; the rest is not read
 
@@ -27,24 +31,26 @@ class HttpSender:
     def __init__(self, destination: Destination, timeout_s: float, factory: SocketFactory | None = None) -> None:
         host, port = destination.connect_host, destination.port
         self._factory = factory
-        self._url = URL(f"http://{_bracket(host)}:{port}{destination.path}", encoded=True)
+        self._url: str | yarl.URL = f"http://{_bracket(host)}:{port}{destination.path}"  # yarl's with the session
         self._headers = {"Content-Type": "application/json", "Host": f"{_bracket(destination.host)}:{port}"}
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
     async def send(self, batch: list[bytes]) -> bool:
+        http = _aiohttp()
         if self._session is None:
             factory = self._factory
-            connector = aiohttp.TCPConnector(
+            connector = http.TCPConnector(
                 limit=1, socket_factory=None if factory is None else (lambda info: factory(*info[:3]))
             )
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            self._session = http.ClientSession(connector=connector, timeout=http.ClientTimeout(total=self._timeout_s))
+            self._url = _yarl().URL(self._url, encoded=True)  # (as given: no re-quoting)
         body = b"[" + b",".join(batch) + b"]"
         try:
             async with self._session.post(self._url, data=body, headers=self._headers) as response:
                 await response.content.read(MAX_ANSWER_BYTES)
                 return 200 <= response.status < 300
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+        except (http.ClientError, OSError, TimeoutError, ValueError):
             return False
 
     async def close(self) -> None:
@@ -96,6 +102,22 @@ class TcpSender:
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
+
+
+@functools.cache
+def _aiohttp() -> ModuleType:
+    """aiohttp, imported at the first delivery over HTTP rather than with lambdabox: its import (it builds an SSL
+    context) was about a third of lambdabox's start-up, for a client that only subscribers need."""
+    import aiohttp
+
+    return aiohttp
+
+
+@functools.cache
+def _yarl() -> ModuleType:
+    import yarl
+
+    return yarl
 
 
 def _bracket(host: str) -> str:
