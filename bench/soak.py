@@ -47,11 +47,11 @@ Resources:
     Properties: {{ContentUri: crash/}}
 """
 HANDLER = "def handler(event, context):\n    print('one line')\n    return None\n"
-# An extension that subscribes to the Telemetry API (platform and function records) and takes each batch at once.
-SUBSCRIBER = textwrap.dedent(
+# What both extensions begin with: the Extensions API client, and registration for INVOKE and SHUTDOWN.
+PRELUDE = textwrap.dedent(
     """\
     #!{python}
-    import json, os, threading, urllib.request
+    import json, os, sys, threading, urllib.request
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"]
     def call(path, body=None, headers=None, method="POST"):
@@ -59,6 +59,17 @@ SUBSCRIBER = textwrap.dedent(
         request = urllib.request.Request(API + path, data=data, headers=headers or {{}}, method=method)
         with urllib.request.urlopen(request) as response:
             return response.headers, response.read()
+    headers, _ = call("/2020-01-01/extension/register", {{"events": ["INVOKE", "SHUTDOWN"]}},
+                      {{"Lambda-Extension-Name": os.path.basename(sys.argv[0])}})
+    ident = headers["Lambda-Extension-Identifier"]
+    def next_event():
+        _, body = call("/2020-01-01/extension/event/next", None, {{"Lambda-Extension-Identifier": ident}}, "GET")
+        return json.loads(body)["eventType"]
+    """
+)
+# Subscribes to the Telemetry API (platform and function records) and takes each batch at once.
+SUBSCRIBER = PRELUDE + textwrap.dedent(
+    """\
     class Listener(BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
@@ -68,36 +79,17 @@ SUBSCRIBER = textwrap.dedent(
             pass
     server = ThreadingHTTPServer(("0.0.0.0", 4243), Listener)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    headers, _ = call("/2020-01-01/extension/register", {{"events": ["INVOKE", "SHUTDOWN"]}},
-                      {{"Lambda-Extension-Name": "subscriber"}})
-    ident = headers["Lambda-Extension-Identifier"]
     call("/2022-07-01/telemetry", {{"schemaVersion": "2022-12-13", "types": ["platform", "function"],
          "buffering": {{"timeoutMs": 25}}, "destination": {{"protocol": "HTTP", "URI": "http://sandbox.localdomain:4243"}}}},
          {{"Lambda-Extension-Identifier": ident}}, "PUT")
-    while True:
-        _, body = call("/2020-01-01/extension/event/next", None, {{"Lambda-Extension-Identifier": ident}}, "GET")
-        if json.loads(body)["eventType"] == "SHUTDOWN":
-            break
+    while next_event() != "SHUTDOWN":
+        pass
     """
 )
-# An extension that exits 1 at every 100th INVOKE it is given (the count kept in /tmp, which outlives a reset).
-CRASHER = textwrap.dedent(
+# Exits 1 at every 100th INVOKE it is given (the count kept in /tmp, which outlives a reset).
+CRASHER = PRELUDE + textwrap.dedent(
     """\
-    #!{python}
-    import json, os, sys, urllib.request
-    API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"]
-    def call(path, body=None, headers=None, method="POST"):
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(API + path, data=data, headers=headers or {{}}, method=method)
-        with urllib.request.urlopen(request) as response:
-            return response.headers, response.read()
-    headers, _ = call("/2020-01-01/extension/register", {{"events": ["INVOKE", "SHUTDOWN"]}},
-                      {{"Lambda-Extension-Name": "crasher"}})
-    ident = headers["Lambda-Extension-Identifier"]
-    while True:
-        _, body = call("/2020-01-01/extension/event/next", None, {{"Lambda-Extension-Identifier": ident}}, "GET")
-        if json.loads(body)["eventType"] == "SHUTDOWN":
-            break
+    while next_event() != "SHUTDOWN":
         count = int(open("/tmp/count").read()) + 1 if os.path.exists("/tmp/count") else 1
         open("/tmp/count", "w").write(str(count))
         if count % 100 == 0:
