@@ -89,9 +89,11 @@ class Served:
     server: Server
     events: Events
     reports: list[str]
+    clients: list[Any] = field(default_factory=list)  # closed with the server (their sockets not left to the GC)
 
     def client(self, read_timeout: float = READ_TIMEOUT_S) -> Any:
-        return lambda_client(self.server.url, read_timeout)
+        self.clients.append(lambda_client(self.server.url, read_timeout))
+        return self.clients[-1]
 
     def destination_records(self) -> list[dict[str, Any]]:
         path = self.server.destinations
@@ -107,7 +109,12 @@ async def serving(template: Path, **settings: Any) -> AsyncIterator[Served]:
     settings.setdefault("destinations", template.parent / "destinations.jsonl")
     config = ServerSettings(**settings)
     async with open_server(load_template(template), settings=config, observers=[events], report=reports.append) as s:
-        yield Served(s, events, reports)
+        served = Served(s, events, reports)
+        try:
+            yield served
+        finally:
+            for client in served.clients:
+                client.close()
 
 
 def lambda_client(url: str, read_timeout: float = READ_TIMEOUT_S) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import functools
 import os
@@ -27,6 +28,11 @@ from lambdabox.service.slot import PROVISIONED, Slot
 DEFAULT_KEEP_ALIVE_S = 300.0
 
 
+FINISHING_S = 0.05
+"""How long an invoke that finds its unit of concurrency held by invokes that have answered and are finishing waits
+for one of them before it is throttled (see :meth:`Pool.reserve_soon`)."""
+
+
 def default_max_concurrency() -> int:
     """Ten concurrent executions per core: most functions under test wait on I/O, and a warm Python environment
     costs tens of MB, so this keeps a laptop responsive; beyond it a clear 429 beats a swapping machine."""
@@ -39,6 +45,7 @@ class Capacity:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_use = 0
+        self.finishing = 0  # units of invokes that have answered their caller, their invoke phase not yet over
         self._freed: asyncio.Future[None] | None = None
 
     def take(self) -> None:
@@ -99,6 +106,7 @@ class Pool:
         self.environment_observers = environment_observers  # called for each new environment: observers of its own
         self.on_problem = on_problem
         self.busy = 0
+        self.finishing = 0  # of the busy: invokes that have answered their caller, their invoke phase not yet over
         self._group = group
         self._idle: list[Slot] = []  # the most recently used last
         self._slots: set[Slot] = set()
@@ -145,6 +153,25 @@ class Pool:
         self.capacity.take()
         self.busy += 1
 
+    async def reserve_soon(self) -> None:
+        """``reserve``; but where the unit it needs is held by invokes that have answered their caller and are
+        finishing, wait up to FINISHING_S for one of them to end before throttling. A serial caller's next request
+        can arrive before the runtime's and the extensions' /next that end the last invoke: lambdabox's own
+        bookkeeping must not throttle it. An extension that works on after the answer still holds its environment,
+        and the throttle comes, as on Lambda, once FINISHING_S has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FINISHING_S
+        while True:
+            try:
+                return self.reserve()
+            except Throttled as throttled:
+                holding = self.finishing if throttled.reason == ThrottleReason.RESERVED else self.capacity.finishing
+                if not holding or loop.time() >= deadline:
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await asyncio.wait({self.capacity.freed()})
+
     async def reserve_waiting(self, timeout_s: float) -> None:
         """``reserve`` as soon as a unit is free, within ``timeout_s`` (TimeoutError after)."""
         async with asyncio.timeout(timeout_s):
@@ -189,6 +216,17 @@ class Pool:
         """Invoke on a unit reserved before (given back here whatever happens), in the warm environment used most
         recently (provisioned ones first) or a new one; returns when the invoke phase is over."""
         slot: Slot | None = None
+        answered = False
+
+        def outcome(given: Outcome) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                self.finishing += 1
+                self.capacity.finishing += 1
+            if on_outcome is not None:
+                on_outcome(given)
+
         try:
             slot = self._take_idle()
             fresh = slot is None
@@ -207,7 +245,7 @@ class Pool:
                 client_context=client_context,
                 invoked_function_arn=invoked_function_arn,
                 request_id=request_id,
-                on_outcome=on_outcome,
+                on_outcome=outcome,
             )
             return Ran(result, slot.log.tail())
         except BaseException as error:
@@ -216,6 +254,9 @@ class Pool:
                 slot = None
             raise
         finally:
+            if answered:
+                self.finishing -= 1
+                self.capacity.finishing -= 1
             self._release()
             if slot is not None:
                 self._park(slot)

@@ -113,7 +113,7 @@ class Server:
         self, config: FunctionConfig, payload: bytes, *, client_context: str | None, invoked_arn: str, tail: bool
     ) -> Answer:
         pool = self.pools[config.logical_id]
-        pool.reserve()
+        await pool.reserve_soon()
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[Outcome] = loop.create_future()
         ran: asyncio.Future[Ran] = loop.create_future()
