@@ -84,6 +84,7 @@ async def open_environment(
                 name=config.logical_id,
                 isolate=options.isolate,
                 network=options.private_network,
+                spares=options.spares,
             )
         )
         resolve = functools.partial(

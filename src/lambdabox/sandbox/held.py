@@ -1,6 +1,7 @@
-"""Owns lambdabox's side of an environment's holder (:mod:`lambdabox.sandbox.holder`): starting it, handing it the
-configuration, starting processes through it (:class:`HeldProcess`, with their exits as the holder's init reports
-them), making sockets in the environment's network namespace, and ending it."""
+"""Owns lambdabox's side of an environment's holder (:mod:`lambdabox.sandbox.holder`): starting it (or taking one
+started ahead, :class:`Spares`), handing it the configuration, starting processes through it (:class:`HeldProcess`,
+with their exits as the holder's init reports them), making sockets in the environment's network namespace, and
+ending it."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lambdabox.core.errors import SandboxError
+from lambdabox.loop import open_task_group
 from lambdabox.sandbox import holder as protocol
+from lambdabox.sandbox import leftovers
 
 _PACKAGES = str(Path(protocol.__file__).parents[2])  # where lambdabox is imported from
 COMMAND = (
@@ -225,19 +228,43 @@ class Holder:
             await asyncio.wait_for(self.process.wait(), DEADLINE_S)
 
 
-async def start_holder(
-    config: dict[str, Any], cgroup_procs: Sequence[Path], ids: IdMap, log: Path
-) -> tuple[Holder, list[int]]:
-    """Start a holder with ``config`` (see :mod:`lambdabox.sandbox.holder`), its processes joining the cgroups whose
-    ``cgroup.procs`` are given, Lambda's user mapped as ``ids`` says; the holder, ready, and the descriptors it sent
-    (the Runtime API's listener). Raises SandboxError saying why it could not be had."""
+@dataclass
+class Spawned:
+    """A holder started and not yet configured: it waits for its configuration on ``control`` (its first message),
+    writing to ``files``/holder.log; it exits when ``control`` closes."""
+
+    process: asyncio.subprocess.Process
+    control: socket.socket
+    sockets: socket.socket
+    files: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    async def discard(self) -> None:
+        """End it (it reads the closed socket and exits), reaped."""
+        self.control.close()
+        self.sockets.close()
+        with contextlib.suppress(TimeoutError, ProcessLookupError):
+            try:
+                await asyncio.wait_for(self.process.wait(), DEADLINE_S)
+            except TimeoutError:
+                self.process.kill()
+                await asyncio.wait_for(self.process.wait(), DEADLINE_S)
+
+    async def drop(self) -> None:
+        """:meth:`discard` it and remove its files (a spare nobody took)."""
+        await self.discard()
+        leftovers.remove_tree(self.files)
+
+
+async def spawn_holder(files: Path) -> Spawned:
+    """Start a holder, which then waits for its configuration (:func:`start_holder`)."""
     control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sockets, sockets_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    cgroup_fds: list[int] = []
-    holder: Holder | None = None
     try:
-        cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup_procs]
-        with log.open("ab") as out:
+        with (files / "holder.log").open("ab") as out:
             process = await asyncio.create_subprocess_exec(
                 *COMMAND,
                 str(control_theirs.fileno()),
@@ -248,6 +275,27 @@ async def start_holder(
                 pass_fds=(control_theirs.fileno(), sockets_theirs.fileno()),
                 start_new_session=True,  # Ctrl-C in a terminal is lambdabox's to handle
             )
+    except BaseException:
+        control.close()
+        sockets.close()
+        raise
+    finally:
+        control_theirs.close()
+        sockets_theirs.close()
+    return Spawned(process, control, sockets, files)
+
+
+async def start_holder(
+    config: dict[str, Any], cgroup_procs: Sequence[Path], ids: IdMap, spawned: Spawned
+) -> tuple[Holder, list[int]]:
+    """Configure the ``spawned`` holder with ``config`` (see :mod:`lambdabox.sandbox.holder`), its processes joining
+    the cgroups whose ``cgroup.procs`` are given, Lambda's user mapped as ``ids`` says; the holder, ready, and the
+    descriptors it sent (the Runtime API's listener). Raises SandboxError saying why it could not be had."""
+    process, control, sockets, log = spawned.process, spawned.control, spawned.sockets, spawned.files / "holder.log"
+    cgroup_fds: list[int] = []
+    holder: Holder | None = None
+    try:
+        cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup_procs]
         control.setblocking(False)
         control.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each new process's host pid
         holder = Holder(process, control, sockets)
@@ -273,18 +321,69 @@ async def start_holder(
             with contextlib.suppress(Exception):
                 await holder.close()
         else:
-            control.close()
-            sockets.close()
+            with contextlib.suppress(Exception):
+                await spawned.discard()
         if isinstance(error, OSError):
-            said = log.read_text(errors="replace").strip().splitlines()  # noqa: ASYNC240 (a short local file)
+            said = log.read_text(errors="replace").strip().splitlines()
             raise SandboxError(f"{error}{': ' + said[-1] if said else ''}") from None
         raise
     finally:
-        control_theirs.close()
-        sockets_theirs.close()
         for fd in cgroup_fds:
             os.close(fd)
     return holder, fds
+
+
+class Spares:
+    """A holder started ahead, for the next environment to take: its interpreter's start (about 10 ms) is then off
+    that environment's cold start. One taken is replaced at once, by a task of ``group``, while the taker goes on.
+    Nothing but lambdabox's own holder is started ahead: the environment's processes start at its Init, as in Lambda.
+    Use :func:`open_spares`."""
+
+    def __init__(self, group: asyncio.TaskGroup, files: Callable[[], Path]) -> None:
+        self._group = group
+        self._files = files
+        self._spare: Spawned | None = None
+        self._closed = False
+
+    async def take(self) -> Spawned:
+        """The spare (or, none being ready, one started now); another is started for the next taker."""
+        spare, self._spare = self._spare, None
+        if not self._closed:
+            self._group.create_task(self._replenish())
+        if spare is not None and spare.alive:
+            return spare
+        if spare is not None:
+            await spare.drop()
+        return await spawn_holder(self._files())
+
+    async def _replenish(self) -> None:
+        if self._spare is not None or self._closed:
+            return
+        try:
+            spare = await spawn_holder(self._files())
+        except Exception:  # (a task of the group: it never raises) the next taker starts one itself
+            return
+        if self._closed or self._spare is not None:
+            await spare.drop()
+        else:
+            self._spare = spare
+
+    async def close(self) -> None:
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await spare.drop()
+
+
+@contextlib.asynccontextmanager
+async def open_spares(files: Callable[[], Path]) -> AsyncIterator[Spares]:
+    """:class:`Spares` (``files()`` makes each holder's directory) for the block; on exit the spare is ended."""
+    async with open_task_group() as group:
+        spares = Spares(group, files)
+        try:
+            yield spares
+        finally:
+            await spares.close()
 
 
 async def _first_of(*futures: asyncio.Future[Any]) -> None:

@@ -21,7 +21,7 @@ from lambdabox.core.errors import SandboxError
 from lambdabox.loop import open_task_group
 from lambdabox.sandbox import leftovers, memory, outbound
 from lambdabox.sandbox.cgroups import Cgroups, make_cgroups, remove_left_behind
-from lambdabox.sandbox.held import Holder
+from lambdabox.sandbox.held import Holder, Spares
 from lambdabox.sandbox.namespace import DEADLINE_S, Layout, Namespace
 from lambdabox.sandbox.processes import Child, spawn_here
 
@@ -42,8 +42,9 @@ async def _poll(done: Callable[[], bool], what: str) -> None:
 class Isolation:
     """One environment's namespace and cgroups (or their degraded stand-ins)."""
 
-    def __init__(self, layout: Layout, memory_mb: int, *, network: bool = True) -> None:
+    def __init__(self, layout: Layout, memory_mb: int, *, network: bool = True, spares: Spares | None = None) -> None:
         self.layout = layout
+        self._spares = spares  # holders started ahead (start-lambda's), or None: one is started when needed
         self.memory_mb = memory_mb
         self.api_port: int | None = None  # without a network namespace: the Runtime API's port (for ``degraded``)
         self._found: tuple[str, ...] = ()
@@ -233,7 +234,7 @@ class Isolation:
         out_why = outbound.probe()
         if isolate:
             procs = [path / "cgroup.procs" for path in self._cgroups.paths()] if self._cgroups is not None else []
-            ns_why = await self._namespace.start(outbound=out_why is None, cgroup_procs=procs)
+            ns_why = await self._namespace.start(outbound=out_why is None, cgroup_procs=procs, spares=self._spares)
         else:
             ns_why = self._namespace.net_why = "isolate=False"
         found: list[str] = []
@@ -331,13 +332,20 @@ def _status(pid: int) -> str | None:
 
 @asynccontextmanager
 async def open_isolation(
-    layout: Layout, *, memory_mb: int, name: str, isolate: bool = True, network: bool = True
+    layout: Layout,
+    *,
+    memory_mb: int,
+    name: str,
+    isolate: bool = True,
+    network: bool = True,
+    spares: Spares | None = None,
 ) -> AsyncIterator[Isolation]:
     """An environment's isolation for the life of the block; torn down even on error or cancel.
 
-    ``network=False`` keeps the environment in the host's network namespace even where it could have its own.
+    ``network=False`` keeps the environment in the host's network namespace even where it could have its own;
+    ``spares``: take the holder from these (see :class:`lambdabox.sandbox.held.Spares`).
     """
-    iso = Isolation(layout, memory_mb, network=network)
+    iso = Isolation(layout, memory_mb, network=network, spares=spares)
     # The teardown is a task awaited here at once, shielded: a cancellation must not leave a cgroup, a namespace or
     # a process behind. The memory sampler (degraded mode) is a task of the isolation's own group.
     try:

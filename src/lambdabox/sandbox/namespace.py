@@ -18,7 +18,15 @@ from pathlib import Path
 from lambdabox.core.errors import SandboxError
 from lambdabox.sandbox import leftovers, seccomp
 from lambdabox.sandbox import outbound as outbound_module
-from lambdabox.sandbox.held import TELEMETRY_TARGET, HeldProcess, Holder, IdMap, start_holder
+from lambdabox.sandbox.held import (
+    TELEMETRY_TARGET,
+    HeldProcess,
+    Holder,
+    IdMap,
+    Spares,
+    spawn_holder,
+    start_holder,
+)
 from lambdabox.sandbox.processes import TELEMETRY_FD_ENV
 
 DEADLINE_S = 5.0
@@ -117,6 +125,15 @@ def _read_or(path: str, default: str) -> str:
         return default
 
 
+def files_dir() -> Path:
+    """A new directory for lambdabox's own files of one environment (its /etc files, the holder's log), named after
+    this process (so that a later lambdabox removes it if this one dies)."""
+    files = Path(tempfile.mkdtemp(prefix=leftovers.temporary_prefix("env")))
+    os.chmod(files, 0o711)  # the holder's init, Lambda's user outside, reaches root/ in it (nothing else)
+    (files / "root").mkdir(mode=0o755)
+    return files
+
+
 class Namespace:
     """One environment's namespaces, held by its holder: they go when the holder's init ends (and with them every
     process of the environment)."""
@@ -149,16 +166,15 @@ class Namespace:
                 return str(host / rest)
         return lambda_path
 
-    async def start(self, *, outbound: bool, cgroup_procs: Sequence[Path]) -> str | None:
-        """Start the holder, its processes joining the cgroups whose ``cgroup.procs`` are given; None, or why there
-        can be no namespaces. ``outbound``: the network namespace is to get its outbound interface
-        (``outbound.Outbound``), so its /etc names the host and the resolver on that interface."""
+    async def start(self, *, outbound: bool, cgroup_procs: Sequence[Path], spares: Spares | None = None) -> str | None:
+        """Start the holder (``spares``' if given), its processes joining the cgroups whose ``cgroup.procs`` are
+        given; None, or why there can be no namespaces. ``outbound``: the network namespace is to get its outbound
+        interface (``outbound.Outbound``), so its /etc names the host and the resolver on that interface."""
         if (why := _probe_namespace()) is not None:
             self.net_why = why
             return why
-        self.files_dir = files = Path(tempfile.mkdtemp(prefix=leftovers.temporary_prefix("env")))
-        os.chmod(files, 0o711)  # the holder's init, Lambda's user outside, reaches root/ in it (nothing else)
-        (files / "root").mkdir(mode=0o755)
+        spawned = await spares.take() if spares is not None else await spawn_holder(files_dir())
+        self.files_dir = files = spawned.files
         ids = _id_map()
         self.net_why = None if self.network else "network=False"
         while True:
@@ -169,14 +185,19 @@ class Namespace:
                 _write_etc(files, "127.0.0.1", None)  # the host's network: the machine is at its own loopback
             try:
                 config = self._config(files, ids)
-                self.holder, fds = await start_holder(config, cgroup_procs, ids, files / "holder.log")
+                self.holder, fds = await start_holder(config, cgroup_procs, ids, spawned)
                 break
             except (SandboxError, OSError) as error:
                 why = f"namespace setup failed: {error}"
                 if self.net_why is not None:
                     self.net_why = why
                     return why
-                self.net_why = why  # try again without a network namespace
+                self.net_why = why  # try again without a network namespace, with a new holder
+                try:
+                    spawned = await spawn_holder(files)
+                except OSError as again:
+                    self.net_why = f"{why}; then {again}"
+                    return self.net_why
         if fds:
             self.listener = socket.socket(fileno=fds[0])
             self.listener.setblocking(False)

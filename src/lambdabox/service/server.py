@@ -6,6 +6,7 @@ group holds every task of the server, its pools and its queues; ``Server.close``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import sys
@@ -26,6 +27,8 @@ from lambdabox.environment.options import Options
 from lambdabox.environment.report import Observer
 from lambdabox.loop import open_task_group
 from lambdabox.observe.logstore import LogStore
+from lambdabox.sandbox.held import open_spares
+from lambdabox.sandbox.namespace import files_dir
 from lambdabox.service.asyncinvoke import EventQueue
 from lambdabox.service.pool import DEFAULT_KEEP_ALIVE_S, Capacity, Pool, Ran, default_max_concurrency
 from lambdabox.template.load import Template
@@ -262,8 +265,13 @@ async def open_server(
     On exit: stop accepting, let the requests and invokes in flight finish within their deadlines, shut every
     environment down as Lambda does (SHUTDOWN ``spindown``).
     """
-    async with open_task_group() as group:
-        server = Server(template, settings or ServerSettings(), group, observers, report, environment_observers)
+    settings = settings or ServerSettings()
+    async with open_spares(files_dir) as spares, open_task_group() as group:
+        if settings.environment.isolate and settings.environment.spares is None:  # holders started ahead
+            settings = dataclasses.replace(
+                settings, environment=dataclasses.replace(settings.environment, spares=spares)
+            )
+        server = Server(template, settings, group, observers, report, environment_observers)
         router = Router()
         invoke_api.add_routes(router, server)
         try:
