@@ -7,6 +7,8 @@ not part of the figure (it is printed apart). One untimed round first, then ``--
 The first response is when the outcome is known (``on_outcome``), which is when Lambda would answer.
 Each round is split into: setup (staging code, cgroups, mount namespace, API server: entry to the block),
 init (Lambda's Init duration as the report gives it) and the rest (first invoke, plus what lies between).
+The same cold start is also timed with a holder started ahead (``Options(spares=...)``, as ``start-lambda``'s
+server gives its environments: the sandbox holder's process is already running when the environment opens).
 
 The floor, measured in the same run: a bare ``<interpreter> -c "import awslambdaric"`` process, start to
 exit, with the same interpreter the runtime uses (``resolve_runtime``: lambdabox's per-version ``lang``
@@ -18,8 +20,8 @@ bare interpreter start. For reference the script also times ``-c "import awslamb
 modules the runtime needs before its first /next: bootstrap, the runtime client and its C extension),
 which is not the floor of the target.
 
-The machine may be shared: each round runs the floor, a cold start and the reference one after the other,
-in an order rotating every round, so that load from elsewhere falls on all three alike.
+The machine may be shared: each round runs the floor, the two cold starts and the reference one after the other,
+in an order rotating every round, so that load from elsewhere falls on all of them alike.
 
 Run: ``.venv/bin/python bench/cold_start.py`` (``--rounds`` to change the count).
 """
@@ -41,6 +43,8 @@ from common import LOOPS, LogTail, ms, run_on
 from lambdabox.core.model import FunctionConfig, Response
 from lambdabox.environment.opening import open_environment
 from lambdabox.environment.options import Options
+from lambdabox.sandbox.held import open_spares
+from lambdabox.sandbox.namespace import files_dir
 from lambdabox.sandbox.runtime import resolve_runtime
 
 RUNTIME = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -85,11 +89,11 @@ def time_process(argv: list[str], env: dict[str, str], cwd: Path) -> float:
 # ---- cold starts -----------------------------------------------------------------------------------------
 
 
-async def one_cold_start(config: FunctionConfig) -> dict[str, float]:
+async def one_cold_start(config: FunctionConfig, options: Options | None = None) -> dict[str, float]:
     answered: list[float] = []
     tail = LogTail()
     t0 = time.perf_counter()
-    async with open_environment(config, None, [tail]) as env:
+    async with open_environment(config, options, [tail]) as env:
         t_open = time.perf_counter()
         DEGRADED.update(env.degraded)
         result = await env.invoke(b"{}", on_outcome=lambda _outcome: answered.append(time.perf_counter()))
@@ -110,13 +114,14 @@ async def one_cold_start(config: FunctionConfig) -> dict[str, float]:
 
 
 async def measure(code: Path, opt: Path, config: FunctionConfig, rounds: int) -> tuple[list[float], ...]:
-    """Rounds of (floor, cold start, reference) in rotating order, so that load from elsewhere on the machine
-    falls on all three alike; the first round is not counted (first use may install the runtime client and
-    fills the page cache)."""
+    """Rounds of (floor, cold start, cold start with a holder started ahead, reference) in rotating order, so that
+    load from elsewhere on the machine falls on all alike; the first round is not counted (first use may install
+    the runtime client and fills the page cache)."""
     interpreter, env = floor_command(code, opt)
     floor: list[float] = []
     reference: list[float] = []
     colds: list[dict[str, float]] = []
+    ahead: list[float] = []
 
     async def run_floor(into: list[float], statement: str, counted: bool) -> None:
         took = await asyncio.to_thread(time_process, [interpreter, "-c", statement], env, code)
@@ -128,15 +133,23 @@ async def measure(code: Path, opt: Path, config: FunctionConfig, rounds: int) ->
         if counted:
             colds.append(got)
 
-    for r in range(rounds + 1):
-        steps = [
-            lambda c: run_floor(floor, "import awslambdaric", c),
-            run_cold,
-            lambda c: run_floor(reference, "import awslambdaric.__main__", c),
-        ]
-        for step in steps[r % 3 :] + steps[: r % 3]:
-            await step(r > 0)
-    return floor, reference, *(tuple([c[k] for c in colds] for k in COLD_PARTS))
+    async with open_spares(files_dir) as spares:  # as start-lambda's server has them
+
+        async def run_ahead(counted: bool) -> None:
+            got = await one_cold_start(config, Options(spares=spares))
+            if counted:
+                ahead.append(got["cold"])
+
+        for r in range(rounds + 1):
+            steps = [
+                lambda c: run_floor(floor, "import awslambdaric", c),
+                run_cold,
+                run_ahead,
+                lambda c: run_floor(reference, "import awslambdaric.__main__", c),
+            ]
+            for step in steps[r % 4 :] + steps[: r % 4]:
+                await step(r > 0)
+    return floor, reference, ahead, *(tuple([c[k] for c in colds] for k in COLD_PARTS))
 
 
 DEGRADED: set[str] = set()  # what the environments said differs from Lambda (no cgroups, no namespace...)
@@ -151,7 +164,7 @@ def p50(samples: list[float]) -> float:
 
 
 async def main(rounds: int) -> None:
-    print(f"cold start: {rounds} rounds after 1 untimed one, floor/cold/reference interleaved; {RUNTIME}")
+    print(f"cold start: {rounds} rounds after 1 untimed one, floor/cold/cold ahead/reference interleaved; {RUNTIME}")
     print(f"load average before: {load()}")
     with tempfile.TemporaryDirectory(prefix="lambdabox-bench-") as tmp:
         code, opt = Path(tmp) / "code", Path(tmp) / "opt"
@@ -160,7 +173,7 @@ async def main(rounds: int) -> None:
         interpreter, env = floor_command(code, opt)
         print(f"runtime interpreter: {interpreter}")
         print(f"PYTHONPATH: {env['PYTHONPATH']}")
-        floor, reference, cold, *parts = await measure(code, opt, config, rounds)
+        floor, reference, ahead, cold, *parts = await measure(code, opt, config, rounds)
     floor_p50 = p50(floor)
     for note in sorted(DEGRADED):
         print(f"note: degraded isolation: {note}")
@@ -171,6 +184,7 @@ async def main(rounds: int) -> None:
     rows = [
         ('floor: python -c "import awslambdaric"', floor),
         ("cold start: open_environment -> first response", cold),
+        ("  the same, a holder started ahead (start-lambda)", ahead),
         ('reference: python -c "import awslambdaric.__main__"', reference),
     ]
     for name, samples in rows:
