@@ -896,6 +896,23 @@ def test_cgroups_without_namespace_when_the_namespace_setup_fails(
     assert with_marker(marker) == []  # the holder that failed did not stay
 
 
+@needs_full
+def test_a_holder_that_cannot_be_started_gives_degraded_mode_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(held, "COMMAND", (str(tmp_path / "no-such-interpreter"), "-c", "pass"))
+    layout = make_layout(tmp_path / "env")
+
+    async def body() -> tuple[tuple[str, ...], Path | None]:
+        async with open_isolation(layout, memory_mb=128, name="nohold") as iso:
+            assert iso._namespace.holder is None and iso.path("/var/task") == str(layout.task)
+            return iso.degraded, iso._namespace.files_dir
+
+    degraded, files = run(body())
+    assert degraded[0].startswith("no mount namespace (namespace setup failed: cannot start the holder: ")
+    assert files is not None and not files.exists()
+
+
 # ---- the network namespace ---------------------------------------------------------------------------------------
 
 

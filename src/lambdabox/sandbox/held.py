@@ -354,13 +354,21 @@ class Spares:
             return spare
         if spare is not None:
             await spare.drop()
-        return await spawn_holder(self._files())
+        return await self._spawn()
+
+    async def _spawn(self) -> Spawned:
+        files = self._files()
+        try:
+            return await spawn_holder(files)
+        except BaseException:
+            leftovers.remove_tree(files)
+            raise
 
     async def _replenish(self) -> None:
         if self._spare is not None or self._closed:
             return
         try:
-            spare = await spawn_holder(self._files())
+            spare = await self._spawn()
         except Exception:  # (a task of the group: it never raises) the next taker starts one itself
             return
         if self._closed or self._spare is not None:

@@ -173,7 +173,15 @@ class Namespace:
         if (why := _probe_namespace()) is not None:
             self.net_why = why
             return why
-        spawned = await spares.take() if spares is not None else await spawn_holder(files_dir())
+        try:
+            if spares is None:
+                self.files_dir = files_dir()  # (removed with the environment, whatever happens next)
+                spawned = await spawn_holder(self.files_dir)
+            else:
+                spawned = await spares.take()
+        except OSError as error:
+            self.net_why = why = f"namespace setup failed: cannot start the holder: {error}"
+            return why
         self.files_dir = files = spawned.files
         ids = _id_map()
         self.net_why = None if self.network else "network=False"
