@@ -97,9 +97,12 @@ def exchange(address: tuple[str, int], request: bytes) -> Answer:
         conn.sendall(request)
         method = request.split(b" ", 1)[0].decode("latin-1")  # (a HEAD's answer has no body to read)
         response = http.client.HTTPResponse(conn, method=method)
-        response.begin()
-        body = response.read()
-        return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+        try:  # (its file object holds the socket open until it is closed)
+            response.begin()
+            body = response.read()
+            return Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+        finally:
+            response.close()
 
 
 def raw_request(method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:

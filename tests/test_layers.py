@@ -26,8 +26,8 @@ LAYERS: dict[str, int] = {  # a package may import those of a lower rank (and it
     "pytest_plugin": 7,
     "__main__": 7,
 }
-CORE_MAY_IMPORT = frozenset({"__future__", "collections", "dataclasses", "datetime", "enum", "functools", "ipaddress",
-                             "json", "math", "pathlib", "time", "typing", "urllib"})  # fmt: skip
+CORE_MAY_IMPORT = frozenset({"__future__", "collections", "dataclasses", "datetime", "enum", "functools", "gc",
+                             "ipaddress", "json", "math", "pathlib", "time", "typing", "urllib"})  # fmt: skip
 
 
 def module_name(path: Path) -> str:
