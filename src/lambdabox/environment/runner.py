@@ -323,10 +323,12 @@ class Environment:
             case f.PauseTelemetry(until=until):
                 if any(type(later) is f.Thaw for later in self._queue):
                     return  # an invoke or a shutdown came first: a freeze for no time waits on nothing (see submit)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, until - self.now())) as self._pausing:
-                        await self.hub.pause()
-                self._pausing = None
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, until - self.now())) as self._pausing:
+                            await self.hub.pause()
+                finally:  # (whatever ends the wait: submit must not reschedule a timeout that is over)
+                    self._pausing = None
             case _:
                 self._run(command)
 
