@@ -40,7 +40,7 @@ import aiohttp
 import psutil
 
 from lambdabox.core.telemetry import TELEMETRY, Buffering, Destination, Subscription
-from lambdabox.environment.delivery import SubscriberStats, TelemetryHub
+from lambdabox.environment.delivery import SubscriberStats, TelemetryHub, open_telemetry_hub
 from lambdabox.environment.report import TelemetryEvent
 from lambdabox.loop import run as run_loop
 
@@ -163,8 +163,7 @@ async def subscriber_state(port: int) -> dict[str, Any]:
 
 async def measure(sampler: Sampler, port: int, count: int) -> Run:
     floor = sampler.sample("floor: before the hub existed", None, 0)
-    hub = TelemetryHub()
-    try:
+    async with open_telemetry_hub() as hub:
         # As in an environment: subscribe during Init, then the Init ends and the function's lines flow.
         hub.observe(TelemetryEvent(time.time(), "platform.initStart", {"initializationType": "on-demand"}))
         destination = Destination("HTTP", port, "sandbox.localdomain", "/in")
@@ -193,8 +192,6 @@ async def measure(sampler: Sampler, port: int, count: int) -> Run:
         flush_s = time.monotonic() - t_flush
         sampler.sample("after flush", hub, count)
         final = hub.stats()["bench-sub"]
-    finally:
-        await hub.close()
     sampler.sample("after close", None, count)
     return Run(floor, at, peak_feed, feed_s, flush_s, final, await subscriber_state(port))
 

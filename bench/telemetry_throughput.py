@@ -1,29 +1,32 @@
-"""Telemetry throughput: records per second delivered by ``TelemetryHub`` to one HTTP subscriber that keeps up.
+"""Telemetry throughput: records per second delivered by ``TelemetryHub`` to each of N HTTP subscribers that keep up.
 
 What is timed: ``--records`` (500,000) ``function`` line events go into ``TelemetryHub.observe()`` (the call the
-environment makes for every line a function prints), for one Telemetry API subscriber (schema 2025-01-29, types
-``function``, buffering maxItems 10,000, maxBytes 1 MiB, timeoutMs 25: Lambda's largest batches, shortest wait). The
-hub renders, encodes, batches and POSTs them; the subscriber is an aiohttp server in a separate process that parses
-each POSTed JSON array, counts its records and answers 200. The figure is records / (time from the first
-``observe()`` to the moment the subscriber has counted them all, by the subscriber's CLOCK_MONOTONIC).
+environment makes for every line a function prints), for ``--subscribers`` (3) Telemetry API subscribers (schema
+2025-01-29, types ``function``, buffering maxItems 10,000, maxBytes 1 MiB, timeoutMs 25: Lambda's largest batches,
+shortest wait), as three extensions of one environment would subscribe. The hub renders, encodes, batches and POSTs
+them; each subscriber is an aiohttp server in a process of its own that parses each POSTed JSON array, counts its
+records and answers 200. The figure is records per subscriber / (time from the first ``observe()`` to the moment
+the last subscriber has counted them all, by the subscribers' CLOCK_MONOTONIC).
 
 The events themselves (``TelemetryEvent`` objects, what the environment builds from a line) are made before the
 clock starts. The producer feeds 1,000 events at a time, yielding to the event loop between chunks, and holds back
 while the hub buffers 3 x maxItems or more (the hub drops beyond 4 x maxItems): the subscriber keeps up and nothing
 is dropped (checked). So the figure is the most the hub delivers per second, not the speed of a function.
 
-The floor, measured in the same run: the same subscriber process fed the same records (encoded by lambdabox's
+The floor, measured in the same run: the same subscriber processes fed the same records (encoded by lambdabox's
 ``encode``, before the clock starts), in JSON arrays of the same sizes as the hub's batches of the round just
-before (the subscriber reports them: with timeoutMs 25 a batch often goes out before it holds maxItems), by a bare
-aiohttp client loop in this process: one ``ClientSession`` with one connection, one POST at a time, each waiting
-for its answer, as the hub's sender does; no hub. It holds the loopback transport, aiohttp on both sides and the
-subscriber's JSON parsing. The target is at least 100,000 records per second delivered; the ratio hub / floor
-says how much of the floor's rate the hub keeps.
+before (each subscriber reports them: with timeoutMs 25 a batch often goes out before it holds maxItems), by bare
+aiohttp client loops in this process, one per subscriber and all at once: one ``ClientSession`` with one connection
+each, one POST at a time, each waiting for its answer, as the hub's senders do; no hub. It holds the loopback
+transport, aiohttp on both sides and the subscribers' JSON parsing (all of it sharing the machine's cores with the
+hub). The target is at least 100,000 records per second delivered to each subscriber; the ratio hub / floor says
+how much of the floor's rate the hub keeps.
 
 Rounds: one untimed warm-up of each (50,000 records), then ``--rounds`` timed rounds, each a hub round followed by
 its floor round; the table gives the medians and every round.
 
-Run: ``.venv/bin/python bench/telemetry_throughput.py`` (``--records``, ``--rounds`` to change the counts).
+Run: ``.venv/bin/python bench/telemetry_throughput.py`` (``--records``, ``--rounds``, ``--subscribers`` to change the
+counts).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 import aiohttp
 
 from lambdabox.core.telemetry import TELEMETRY, Buffering, Destination, Subscription, encode, render
-from lambdabox.environment.delivery import TelemetryHub
+from lambdabox.environment.delivery import open_telemetry_hub
 from lambdabox.environment.report import TelemetryEvent
 from lambdabox.loop import run as run_loop
 
@@ -179,74 +182,91 @@ def floor_bodies(blobs: list[bytes], sizes: list[int]) -> list[bytes]:
 
 @dataclass
 class Round:
-    seconds: float  # first record handed over -> the subscriber counted the last one
-    records: int
-    posts: int
-    subscriber_cpu: float  # seconds of CPU the subscriber process used in the round
+    seconds: float  # first record handed over -> the last subscriber counted the last one
+    records: int  # per subscriber
+    posts: int  # per subscriber (median)
+    subscriber_cpu: float  # seconds of CPU the subscriber processes used in the round, together
     own_cpu: float  # seconds of CPU this process used in the round
-    sizes: list[int]  # records per POST, as the subscriber received them
+    sizes: list[list[int]]  # records per POST, as each subscriber received them
     observe_s: float = 0.0  # of which inside observe() (hub rounds only)
     dropped: int = 0
 
     @property
     def rate(self) -> float:
+        """Records per second delivered to each subscriber."""
         return self.records / self.seconds
 
 
-async def hub_round(subscriber: Subscriber, events: list[TelemetryEvent]) -> Round:
-    hub = TelemetryHub()
-    # As in an environment: subscribe during Init, then the Init ends (so log lines are not kept for late
-    # subscribers) and the function's lines flow.
-    hub.observe(TelemetryEvent(time.time(), "platform.initStart", {"initializationType": "on-demand"}))
-    destination = Destination("HTTP", subscriber.port, "sandbox.localdomain", "/in")
-    hub.subscribe("bench-sub", Subscription(TELEMETRY, SCHEMA, ("function",), destination, BUFFERING))
-    hub.observe(TelemetryEvent(time.time(), "platform.initReport", {"initializationType": "on-demand"}))
-    await subscriber.reset(len(events))
-    observe, buffered = hub.observe, hub.buffered
-    observe_s = 0.0
-    cpu0 = time.process_time()
-    t0 = time.monotonic()
-    for start in range(0, len(events), CHUNK):
-        while buffered()[0] >= HIGH_WATER:  # noqa: ASYNC110 - the hub has no event for "room in the buffer"
-            await asyncio.sleep(0.001)
-        t_chunk = time.perf_counter()
-        for event in events[start : start + CHUNK]:
-            observe(event)
-        observe_s += time.perf_counter() - t_chunk
-        await asyncio.sleep(0)
-    state = await subscriber.wait(60)
-    own_cpu = time.process_time() - cpu0
-    stats = hub.stats()["bench-sub"]
-    await hub.close()
-    if stats.produced != len(events) or stats.delivered + stats.dropped_records + stats.buffered != stats.produced:
-        raise RuntimeError(f"hub accounting is off: {stats}")
+def gathered(t0: float, states: list[dict[str, Any]], own_cpu: float) -> Round:
+    counts = {state["count"] for state in states}
+    if len(counts) != 1:
+        raise RuntimeError(f"the subscribers counted different numbers of records: {sorted(counts)}")
     return Round(
-        state["t_done"] - t0,
-        state["count"],
-        state["posts"],
-        state["cpu"],
+        max(state["t_done"] for state in states) - t0,
+        counts.pop(),
+        int(statistics.median(state["posts"] for state in states)),
+        sum(state["cpu"] for state in states),
         own_cpu,
-        state["sizes"],
-        observe_s,
-        stats.dropped_records,
+        [state["sizes"] for state in states],
     )
 
 
-async def floor_round(subscriber: Subscriber, bodies: list[bytes], records: int) -> Round:
-    connector = aiohttp.TCPConnector(limit=1)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as session:
-        url = f"{subscriber.url}/in"
-        await subscriber.reset(records)
+async def hub_round(subscribers: list[Subscriber], events: list[TelemetryEvent]) -> Round:
+    async with open_telemetry_hub() as hub:
+        # As in an environment: subscribe during Init, then the Init ends (so log lines are not kept for late
+        # subscribers) and the function's lines flow.
+        hub.open_init()
+        hub.observe(TelemetryEvent(time.time(), "platform.initStart", {"initializationType": "on-demand"}))
+        for index, subscriber in enumerate(subscribers):
+            destination = Destination("HTTP", subscriber.port, "sandbox.localdomain", "/in")
+            hub.subscribe(f"bench-sub-{index}", Subscription(TELEMETRY, SCHEMA, ("function",), destination, BUFFERING))
+        hub.observe(TelemetryEvent(time.time(), "platform.initReport", {"initializationType": "on-demand"}))
+        hub.close_init()
+        for subscriber in subscribers:
+            await subscriber.reset(len(events))
+        observe, buffered = hub.observe, hub.buffered
+        high_water = HIGH_WATER * len(subscribers)
+        observe_s = 0.0
         cpu0 = time.process_time()
         t0 = time.monotonic()
-        for body in bodies:
-            async with session.post(url, data=body, headers=HEADERS) as answer:
-                await answer.read()
-                if answer.status != 200:
-                    raise RuntimeError(f"floor POST answered {answer.status}")
-        state = await subscriber.wait(60)
+        for start in range(0, len(events), CHUNK):
+            while buffered()[0] >= high_water:  # noqa: ASYNC110 - the hub has no event for "room in the buffer"
+                await asyncio.sleep(0.001)
+            t_chunk = time.perf_counter()
+            for event in events[start : start + CHUNK]:
+                observe(event)
+            observe_s += time.perf_counter() - t_chunk
+            await asyncio.sleep(0)
+        states = await asyncio.gather(*(s.wait(60) for s in subscribers))
         own_cpu = time.process_time() - cpu0
-    return Round(state["t_done"] - t0, state["count"], state["posts"], state["cpu"], own_cpu, state["sizes"])
+        stats = hub.stats()
+    for name, stat in stats.items():
+        if stat.produced != len(events) or stat.delivered + stat.dropped_records + stat.buffered != stat.produced:
+            raise RuntimeError(f"hub accounting is off for {name}: {stat}")
+    result = gathered(t0, states, own_cpu)
+    result.observe_s = observe_s
+    result.dropped = sum(stat.dropped_records for stat in stats.values())
+    return result
+
+
+async def floor_round(subscribers: list[Subscriber], bodies: list[list[bytes]], records: int) -> Round:
+    async def feed(subscriber: Subscriber, posts: list[bytes]) -> None:
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as session:
+            url = f"{subscriber.url}/in"
+            for body in posts:
+                async with session.post(url, data=body, headers=HEADERS) as answer:
+                    await answer.read()
+                    if answer.status != 200:
+                        raise RuntimeError(f"floor POST answered {answer.status}")
+
+    for subscriber in subscribers:
+        await subscriber.reset(records)
+    cpu0 = time.process_time()
+    t0 = time.monotonic()
+    await asyncio.gather(*(feed(s, b) for s, b in zip(subscribers, bodies, strict=True)))
+    states = await asyncio.gather(*(s.wait(60) for s in subscribers))
+    return gathered(t0, states, time.process_time() - cpu0)
 
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -264,27 +284,30 @@ def describe(name: str, rounds: list[Round], floor_rate: float) -> str:
     )
 
 
-async def main(count: int, rounds: int) -> None:
+async def main(count: int, rounds: int, fanout: int) -> None:
     print(
-        f"telemetry throughput: {count:,} function records, {rounds} timed rounds after 1 warm-up; "
+        f"telemetry throughput: {count:,} function records to each of {fanout} subscribers, {rounds} timed rounds "
+        "after 1 warm-up; "
         f"buffering maxItems {BUFFERING.max_items}, maxBytes {BUFFERING.max_bytes}, timeoutMs {BUFFERING.timeout_ms}; "
         f"load average {load()}"
     )
     events = make_events(count)
     blobs = encoded(events)
     print(f"records: {sum(len(b) for b in blobs) / count:.0f} bytes each on the wire")
-    subscriber = await start_subscriber()
+    subscribers = list(await asyncio.gather(*(start_subscriber() for _ in range(fanout))))
     try:
         warm = events[: min(count, 50_000)]
-        warm_hub = await hub_round(subscriber, warm)
-        await floor_round(subscriber, floor_bodies(blobs[: len(warm)], warm_hub.sizes), len(warm))
+        warm_hub = await hub_round(subscribers, warm)
+        warm_bodies = [floor_bodies(blobs[: len(warm)], sizes) for sizes in warm_hub.sizes]
+        await floor_round(subscribers, warm_bodies, len(warm))
         floors: list[Round] = []
         hubs: list[Round] = []
         for _ in range(rounds):
-            hubs.append(await hub_round(subscriber, events))
-            floors.append(await floor_round(subscriber, floor_bodies(blobs, hubs[-1].sizes), count))
+            hubs.append(await hub_round(subscribers, events))
+            bodies = [floor_bodies(blobs, sizes) for sizes in hubs[-1].sizes]
+            floors.append(await floor_round(subscribers, bodies, count))
     finally:
-        await stop_subscriber(subscriber)
+        await asyncio.gather(*(stop_subscriber(s) for s in subscribers))
     floor_rate = statistics.median(r.rate for r in floors)
     hub_rate = statistics.median(r.rate for r in hubs)
     print()
@@ -294,7 +317,7 @@ async def main(count: int, rounds: int) -> None:
     )
     print(header)
     print("-" * len(header))
-    print(describe("floor: bare aiohttp POST loop", floors, floor_rate))
+    print(describe(f"floor: {fanout} bare aiohttp POST loops", floors, floor_rate))
     print(describe("TelemetryHub.observe -> subscriber", hubs, floor_rate))
     print()
     observe_us = statistics.median(r.observe_s / r.records * 1e6 for r in hubs)
@@ -302,13 +325,18 @@ async def main(count: int, rounds: int) -> None:
         f"inside observe(): {observe_us:.2f} us per record (render, encode, batch), "
         f"{statistics.median(r.observe_s / r.seconds for r in hubs) * 100:.0f}% of the hub rounds' wall time"
     )
-    print(f"records dropped by the hub: {sum(r.dropped for r in hubs)} (a subscriber that keeps up: must be 0)")
-    print("own CPU / sub CPU: CPU time of this process / of the subscriber process, as a share of the round's time")
+    print(f"records dropped by the hub: {sum(r.dropped for r in hubs)} (subscribers that keep up: must be 0)")
+    print("records/s: to each subscriber; per POST: records per POST (median subscriber)")
+    print(
+        "own CPU / sub CPU: CPU time of this process / of the subscriber processes together, "
+        "as a share of the round's time"
+    )
     print(f"load average after the run: {load()}")
     print()
     verdict = "met" if hub_rate >= TARGET_RPS else "MISSED"
     print(
-        f"target: at least {TARGET_RPS:,} records/s delivered: {hub_rate:,.0f} records/s, {verdict} "
+        f"target: at least {TARGET_RPS:,} records/s delivered to each of {fanout} subscribers: {hub_rate:,.0f} "
+        f"records/s, {verdict} "
         f"(ratio to the floor {hub_rate / floor_rate:.2f})"
     )
 
@@ -317,11 +345,12 @@ def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--records", type=int, default=500_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--subscribers", type=int, default=3)
     args = parser.parse_args()
 
     async def bounded() -> None:
         async with asyncio.timeout(BUDGET_S):
-            await main(args.records, args.rounds)
+            await main(args.records, args.rounds, args.subscribers)
 
     run_loop(bounded())
 
