@@ -8,18 +8,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lambdabox.core.errors import ApiError
 from lambdabox.core.telemetry import (
     DROPPED_REASON,
     LOGS,
+    LOGS_SCHEMAS,
     TELEMETRY,
+    TELEMETRY_SCHEMAS,
     Buffering,
     Destination,
     category,
     dropped_record,
     encode,
     iso_time,
+    line_bytes,
     parse_logs_subscription,
     parse_telemetry_subscription,
     render,
@@ -343,3 +348,34 @@ def test_encoding_is_compact_utf8_json() -> None:
         encode({"time": "t", "type": "function", "record": "é"})
         == '{"time":"t","type":"function","record":"é"}'.encode()
     )
+
+
+ALL_SCHEMAS = [(TELEMETRY, s) for s in TELEMETRY_SCHEMAS] + [(LOGS, s) for s in LOGS_SCHEMAS]
+
+
+@settings(max_examples=200)
+@given(
+    type_=st.sampled_from(["function", "extension"]),
+    text=st.text(),
+    json_logs=st.booleans(),
+    at=st.floats(min_value=0, max_value=4e9),
+)
+def test_a_log_lines_shared_bytes_are_what_every_api_and_schema_would_encode(
+    type_: str, text: str, json_logs: bool, at: float
+) -> None:
+    event = Event(at, type_, text)
+    shared = line_bytes(event, json_logs=json_logs)
+    if json_logs and type_ == "function" and text.startswith("{"):
+        assert shared is None  # its record may be parsed: each subscriber's own render
+        return
+    assert shared is not None
+    for api, schema in ALL_SCHEMAS:
+        assert [shared] == [encode(r) for r in render(api, schema, event, json_logs=json_logs)]
+
+
+@pytest.mark.parametrize(
+    ("type_", "record"),
+    [("platform.start", START), ("platform.fault", "RequestId: r1 Process exited"), ("function", {"a": 1})],
+)
+def test_anything_but_a_text_log_line_has_no_shared_bytes(type_: str, record: Any) -> None:
+    assert line_bytes(Event(T0, type_, record)) is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import Final, Generic, TypeVar
 
 from lambdabox.core.telemetry import Buffering
 
@@ -30,12 +30,15 @@ class Backoff:
 T = TypeVar("T")
 
 
-class _Entry(NamedTuple, Generic[T]):  # a tuple: made once per record, on the hot path
-    seq: int
-    item: T
-    size: int
-    added_at: float
-    report: int  # > 0: a platform.logsDropped record (of that many drops) the batcher added, not a produced record
+# One buffered record, made once per record per subscriber on the hot path: a plain tuple (a NamedTuple's
+# constructor costs several times a tuple display). ``report`` > 0: a platform.logsDropped record (of that many
+# drops) that the batcher added, not a produced record.
+_Entry = tuple[int, T, int, float, int]  # seq, item, size, added_at, report
+SEQ: Final = 0
+ITEM: Final = 1
+SIZE: Final = 2
+ADDED_AT: Final = 3
+REPORT: Final = 4
 
 
 class Batcher(Generic[T]):
@@ -84,7 +87,7 @@ class Batcher(Generic[T]):
     @property
     def unreported(self) -> int:
         """Dropped records whose platform.logsDropped has not been delivered (counted, or queued to be sent)."""
-        return self._pending[0] + sum(entry.report for entry in (*self._inflight, *self._queue))
+        return self._pending[0] + sum(entry[REPORT] for entry in (*self._inflight, *self._queue))
 
     @property
     def last_seq(self) -> int:
@@ -93,12 +96,15 @@ class Batcher(Generic[T]):
     def add(self, item: T, size: int, now: float) -> bool:
         """Buffer one produced record; False if the queue is full and it was dropped (and counted)."""
         self.produced += 1
-        self._seq += 1
-        buffered = len(self._queue) + len(self._inflight)
-        if buffered >= self.limit_items or self._queued_bytes + self._inflight_bytes + size > self.limit_bytes:
+        seq = self._seq = self._seq + 1
+        queue = self._queue
+        if (
+            len(queue) + len(self._inflight) >= self.limit_items
+            or self._queued_bytes + self._inflight_bytes + size > self.limit_bytes
+        ):
             self.count_dropped(1, size, produced=False)
             return False
-        self._queue.append(_Entry(self._seq, item, size, now, 0))
+        queue.append((seq, item, size, now, 0))
         self._queued_bytes += size
         return True
 
@@ -122,7 +128,7 @@ class Batcher(Generic[T]):
             return False
         item, size = make(records, nbytes)
         self._seq += 1
-        self._queue.append(_Entry(self._seq, item, size, now, records))
+        self._queue.append((self._seq, item, size, now, records))
         self._queued_bytes += size
         self._pending = [0, 0]
         self._reports_outstanding += 1
@@ -140,7 +146,7 @@ class Batcher(Generic[T]):
             flushing
             or len(queue) >= self.buffering.max_items
             or self._queued_bytes >= self.buffering.max_bytes
-            or now >= queue[0].added_at + self._timeout_s
+            or now >= queue[0][ADDED_AT] + self._timeout_s
         )
 
     def next_deadline(self) -> float | None:
@@ -148,7 +154,7 @@ class Batcher(Generic[T]):
         if self._inflight:
             return self._retry_at
         if self._queue:
-            return self._queue[0].added_at + self._timeout_s
+            return self._queue[0][ADDED_AT] + self._timeout_s
         return None
 
     def take(self) -> list[T]:
@@ -156,18 +162,18 @@ class Batcher(Generic[T]):
         if not self._inflight:
             batch, nbytes, limit = self._inflight, 0, self.buffering
             while self._queue and len(batch) < limit.max_items:
-                size = self._queue[0].size
+                size = self._queue[0][SIZE]
                 if batch and nbytes + size > limit.max_bytes:
                     break
                 batch.append(self._queue.popleft())
                 nbytes += size
             self._queued_bytes -= nbytes
             self._inflight_bytes = nbytes
-        return [entry.item for entry in self._inflight]
+        return [entry[ITEM] for entry in self._inflight]
 
     def ack(self) -> int:
         """The batch in flight was delivered; returns how many produced records it held."""
-        reports = sum(1 for entry in self._inflight if entry.report)
+        reports = sum(1 for entry in self._inflight if entry[REPORT])
         records = len(self._inflight) - reports
         self._reports_outstanding -= reports
         self.delivered += records
@@ -185,5 +191,5 @@ class Batcher(Generic[T]):
     def settled(self, through: int) -> bool:
         """Every record up to sequence number ``through`` was delivered or dropped, and every drop was reported."""
         oldest = self._inflight[0] if self._inflight else (self._queue[0] if self._queue else None)
-        waiting = oldest is not None and oldest.seq <= through
+        waiting = oldest is not None and oldest[SEQ] <= through
         return not waiting and not self._pending[0] and not self._reports_outstanding

@@ -261,6 +261,21 @@ def render(api: str, schema_version: str, event: EventLike, *, json_logs: bool =
     return [] if shaped is None else [{"time": stamp, "type": type_, "record": shaped}]
 
 
+_LINE_TYPES = frozenset({"function", "extension"})
+
+
+def line_bytes(event: EventLike, *, json_logs: bool = False) -> bytes | None:
+    """The wire bytes of a log line (a ``function`` or ``extension`` event with a text record), which every API and
+    schema version sends alike: ``encode(render(...)[0])`` for any subscriber, made once and shared. None for any
+    other event, and for a JSON function line under ``json_logs`` (whose record is parsed): render and encode those.
+    """
+    type_, record = event.type, event.record
+    if type(record) is not str or type_ not in _LINE_TYPES or (json_logs and type_ == "function" and record[:1] == "{"):
+        return None
+    text = f'{{"time":"{iso_time(event.time)}","type":"{type_}","record":{_STRING(record)}}}'
+    return text.encode("utf-8", "replace")
+
+
 def _json_object(line: str) -> Any:
     try:
         value = jsontext.loads(line)

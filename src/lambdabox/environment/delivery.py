@@ -24,6 +24,7 @@ from lambdabox.core.telemetry import (
     dropped_record,
     encode,
     iso_time,
+    line_bytes,
     render,
 )
 from lambdabox.environment.senders import HttpSender, SocketFactory, TcpSender
@@ -111,15 +112,22 @@ class TelemetryHub:
             return  # lambdabox's own events (lambdabox.*, the timeline's marks): no API carries them
         if self._keeping:
             self._remember(event, kind)
-        if self._subscribers:
-            now = self.clock()
-            cache: dict[tuple[str, str], list[bytes]] = {}
+        if not self._subscribers:
+            return
+        now = self.clock()
+        line = line_bytes(event, json_logs=self.json_function_logs)
+        if line is not None:  # a log line (most records): the same bytes for every subscriber, made once
             for subscriber in self._subscribers.values():
                 if kind in subscriber.types:
-                    blobs = cache.get(subscriber.key)
-                    if blobs is None:
-                        blobs = cache[subscriber.key] = self._encode(subscriber.key, event)
-                    subscriber.offer(blobs, now)
+                    subscriber.offer_one(line, now)
+            return
+        cache: dict[tuple[str, str], list[bytes]] = {}
+        for subscriber in self._subscribers.values():
+            if kind in subscriber.types:
+                blobs = cache.get(subscriber.key)
+                if blobs is None:
+                    blobs = cache[subscriber.key] = self._encode(subscriber.key, event)
+                subscriber.offer(blobs, now)
 
     def subscribe(self, extension_name: str, subscription: Subscription) -> None:
         """Deliver to the extension's listener from now on, starting with the Init's records so far (the core has
@@ -220,11 +228,15 @@ class _Subscriber:
         self._task = hub.tasks.create_task(self._run(), name=f"telemetry:{name}")
 
     def offer(self, blobs: list[bytes], now: float) -> None:
+        for blob in blobs:
+            self.offer_one(blob, now)
+
+    def offer_one(self, blob: bytes, now: float) -> None:
+        """Buffer one record, and wake the loop if it now has something to do (it sleeps while nothing was)."""
         batcher = self.batcher
         was_empty = not batcher.buffered
-        for blob in blobs:
-            batcher.add(blob, len(blob), now)
-        if (was_empty or batcher.due(now)) and not self._wake.is_set():
+        batcher.add(blob, len(blob), now)
+        if not self._wake.is_set() and (was_empty or batcher.due(now)):
             self._wake.set()
 
     def wait_settled(self) -> asyncio.Future[None] | None:
