@@ -431,6 +431,19 @@ def test_a_graceful_close_answers_requests_sent_before_it_on_connections_not_yet
     assert run(go(), timeout=15) == [200] * 5
 
 
+def test_a_graceful_close_with_no_connection_open_waits_for_no_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The moment for requests on their way is for open connections: with none, the close does not wait it."""
+    monkeypatch.setattr(httpserver, "DRAIN_S", 3600.0)
+
+    async def go() -> bool:
+        async with open_http_server(Router()) as server:
+            await server.listen("127.0.0.1", 0)
+            await server.close(3600)  # (run's deadline fails the test if the close waits)
+            return server.closed
+
+    assert run(go(), timeout=15)
+
+
 def test_a_head_request_gets_no_body_and_the_connection_stays_in_step() -> None:
     async def go() -> tuple[bytes, int, bytes]:
         async with serving() as (host, port):

@@ -376,8 +376,8 @@ class HttpServer:
         its connection) for up to ``grace_s``; then cancel what is left and close every connection.
 
         With a grace, no request a client has sent is lost: the connections waiting to be accepted are accepted,
-        and the idle ones are closed only after a moment (``DRAIN_S``) in which requests already on their way
-        arrive; each is answered (and its connection closed) within the grace."""
+        and the idle ones are closed only after a moment (``DRAIN_S``, waited only if a connection is open) in which
+        requests already on their way arrive; each is answered (and its connection closed) within the grace."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -386,7 +386,7 @@ class HttpServer:
                 await self._accept_waiting(server)
         for server in self._servers:
             server.close()
-        if grace_s > 0:
+        if grace_s > 0 and self.connections:  # (with no connection open, no request can be on its way)
             await asyncio.sleep(min(grace_s, DRAIN_S))
         for connection in [c for c in self.connections if c.idle and not c.receiving]:
             connection.close()
