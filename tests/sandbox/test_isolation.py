@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import json
 import os
 import pwd
@@ -78,15 +79,18 @@ def make_layout(root: Path, keep: tuple[Path, ...] = (), tmp_mb: int = 512) -> L
     return layout
 
 
-async def spawn(iso: Isolation, code: str, records: list[str], env: Mapping[str, str] | None = None) -> OwnedProcess:
-    """Start ``code`` in the environment (at /var/task) as production does, its output lines into ``records``."""
+async def spawn(
+    iso: Isolation, code: str, records: list[str], env: Mapping[str, str] | None = None, *, ahead: bool = False
+) -> OwnedProcess:
+    """Start ``code`` in the environment (at /var/task) as production does, its output lines into ``records``
+    (``ahead``: another process will be started after it)."""
     proc = await OwnedProcess.start(
         [PY, "-c", code],
         env=dict(os.environ) if env is None else env,
         cwd="/var/task",
         label="fn",
         on_record=lambda _label, text: records.append(text),
-        spawn=iso.spawn,
+        spawn=functools.partial(iso.spawn, ahead=ahead),
     )
     iso.register(proc.pid)
     return proc
@@ -486,6 +490,48 @@ def test_a_process_sees_only_its_environments_processes(tmp_path: Path) -> None:
     assert seen["pids"] == [1, sleeper, seen["me"]]  # init, the other process, itself: nothing of the host
     assert (sleeper, seen["me"]) == (2, 3) and seen["parent"] == 1  # small pids, started by init
     assert bytes.fromhex(seen["init"]) == commands["init"] == commands["holder"]  # init is the holder's fork
+
+
+@needs_full
+def test_a_process_is_forked_into_the_cgroups_ahead_of_its_start_only_while_more_are_to_start(tmp_path: Path) -> None:
+    """The move into the cgroups (which can wait for the kernel's cgroup lock) is made before the start is asked
+    for: init forks the Init's first process ahead, and the next one after each start said to have more after it.
+    One forked ahead that is gone by its start (killed) is replaced then; kill_all drops it."""
+    sleeper = "import time; print('up', flush=True); time.sleep(600)"
+
+    async def body() -> dict[str, Any]:
+        async with open_isolation(make_layout(tmp_path), memory_mb=128, name="ahead") as iso:
+            holder_of(iso)  # (the namespaces are had)
+            await poll_until(lambda: len(iso.pids()) == 1)  # before any start: one process, in the cgroups
+            [first_ahead] = iso.pids()
+            records: list[str] = []
+            extension = await spawn(iso, sleeper, records, ahead=True)
+            await poll_until(lambda: len(iso.pids()) == 2)
+            [second_ahead] = set(iso.pids()) - {extension.pid}
+            os.kill(second_ahead, signal.SIGKILL)  # gone before it is asked to start anything
+            await poll_until(lambda: status(second_ahead) == "gone")
+            runtime = await spawn(iso, sleeper, records)
+            await poll_until(lambda: records.count("up") == 2)
+            last = set(iso.pids())
+            await iso.kill_all()
+            after_kill = iso.pids()
+            again = await run_code(iso, "print('started after the kill')")
+            return {
+                "first": (first_ahead, extension.pid),
+                "replaced": (second_ahead, runtime.pid),
+                "last": (last, {extension.pid, runtime.pid}),
+                "after_kill": after_kill,
+                "again": again,
+            }
+
+    seen = run(body())
+    first_ahead, extension = seen["first"]
+    assert first_ahead == extension  # the process forked ahead is the one that was started
+    killed, runtime = seen["replaced"]
+    assert runtime != killed  # the one killed while it waited was replaced at the start
+    assert seen["last"][0] == seen["last"][1]  # no process waits after the last start: only the two started
+    assert seen["after_kill"] == []  # kill_all left nothing, nor forked anything ahead
+    assert seen["again"] == ["started after the kill"]
 
 
 @needs_full

@@ -4,6 +4,7 @@ exit reported as a fact (with the Init that started it and the memory cgroup's O
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import Callable
 
@@ -45,7 +46,7 @@ class Processes:
                 argv,
                 env=env,
                 cwd="/var/task",
-                spawn=self._isolation.spawn,
+                spawn=functools.partial(self._isolation.spawn, ahead=name is not None),  # the runtime starts last
                 label=label,
                 on_record=lambda source, text: self._observers(TelemetryEvent(self._now(), kind, text, source)),
                 telemetry_fd=telemetry_fd,

@@ -104,10 +104,13 @@ class Holder:
         """The host's path to ``path`` inside the environment (through init's root)."""
         return f"/proc/{self.init_pid}/root{path}"
 
-    async def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str, fds: Mapping[int, int]) -> HeldProcess:
-        """Start ``argv`` inside, with ``fds`` (target number: descriptor here) in place of stdout, stderr..."""
+    async def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str, fds: Mapping[int, int], *, ahead: bool = False
+    ) -> HeldProcess:
+        """Start ``argv`` inside, with ``fds`` (target number: descriptor here) in place of stdout, stderr...;
+        ``ahead``: another process will be started after it (the holder gets that one's process ready)."""
         ident = next(self._ids)
-        message = {"spawn": ident, "argv": list(argv), "env": dict(env), "cwd": cwd, "fds": list(fds)}
+        message = {"spawn": ident, "argv": list(argv), "env": dict(env), "cwd": cwd, "fds": list(fds), "ahead": ahead}
         reply, _ = await self._request(f"spawned:{ident}", message, list(fds.values()))
         if "error" in reply:
             raise OSError(f"cannot start {argv[0]}: {reply['error']}")

@@ -13,7 +13,8 @@ socket (the first argument; the second is the socket for :meth:`Holder.socket`),
   namespace's id maps and answers ``{"mapped": true}``; the holder answers ``{"init": <host pid of init>}`` and
   then, from init, ``{"ready": true}`` (with the Runtime
   API's listening socket, made inside the network namespace) or ``{"error": "..."}``;
-- ``{"spawn": id, "argv", "env", "cwd", "fds": [targets]}`` with one descriptor per target: answered
+- ``{"spawn": id, "argv", "env", "cwd", "fds": [targets], "ahead": bool}`` with one descriptor per target (``ahead``:
+  another spawn follows in this Init, so fork its process ahead, as init does for the Init's first): answered
   first ``{"started": id}`` from the new process itself (lambdabox's socket passes credentials, so it learns the
   host pid), then ``{"spawned": id, "pid": <pid inside>}``, or ``{"spawned": id, "error": "..."}``;
 - ``{"socket": [family, type, proto]}``: answered ``{"socket": true}`` with a new socket of the network namespace;
@@ -170,6 +171,7 @@ class _Init:
         self.wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.ahead: tuple[int, socket.socket] | None = self._fork_ahead()  # for the Init's first spawn
 
     def serve(self) -> None:
         while True:
@@ -224,6 +226,7 @@ class _Init:
                 os.kill(-1, message["kill"])  # from init: every other process of the PID namespace
             except ProcessLookupError:
                 pass
+            self._drop_ahead()  # (it got the signal too; the next Init's first spawn forks one)
             send(channel, {"killed": True})
         elif "spawn" in message:
             ident = message["spawn"]
@@ -236,35 +239,63 @@ class _Init:
             send(self.control, {"spawned": ident, "pid": pid})
 
     def _spawn(self, message: dict[str, Any], fds: list[int]) -> int:
-        """Fork and exec; an OSError the child met before exec is raised here (the child is reaped later)."""
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        """Hand the spawn to the process forked ahead (or, none being there, forked now), which execs; with
+        ``"ahead"`` in the message, fork the next spawn's process ahead. An OSError the process met before exec is
+        raised here (it is reaped later)."""
+        for _ in range(2):  # a second try only if the one ahead was gone before it got the message
+            (pid, channel), self.ahead = self.ahead or self._fork_ahead(), None
+            try:
+                try:
+                    send(channel, message, fds)
+                    sent = True
+                except OSError:
+                    sent = False
+                said = channel.recv(64)  # an errno, or nothing at end of file: its exec closed the socket
+            finally:
+                channel.close()
+            if not said and not sent:  # gone without a word: killed while it waited
+                continue
+            if message.get("ahead"):
+                self.ahead = self._fork_ahead()
+            if said:
+                code = int(said)
+                raise OSError(code, os.strerror(code))
+            return pid
+        raise OSError(errno.ECHILD, "the process forked to start it was gone")
+
+    def _fork_ahead(self) -> tuple[int, socket.socket]:
+        """Fork the process that the next spawn execs, and let it join the cgroups now: a move into a cgroup waits
+        for the kernel's cgroup lock, which can take an RCU grace period (5 to 25 ms here, on an idle machine), and
+        that wait is then off the process's start (its Init Duration). It waits for its spawn message, or for the
+        end of file (init gone, or :meth:`_drop_ahead`), and exits then."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0)  # both close on exec
         pid = os.fork()
         if pid == 0:
+            ours.close()
             try:
-                self._child(message, fds)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for fd in self.cgroup_fds:
+                    os.write(fd, b"0")  # 0: the writing process
+                message, fds = receive(theirs)
+                if message is not None:
+                    self._child(message, fds)
             except OSError as error:
-                os.write(report_w, f"{error.errno}".encode())
+                theirs.send(f"{error.errno}".encode())
             except BaseException:
-                os.write(report_w, f"{errno.EINVAL}".encode())
+                theirs.send(f"{errno.EINVAL}".encode())
             os._exit(127)
-        os.close(report_w)
-        try:
-            said = b""
-            while chunk := os.read(report_r, 64):
-                said += chunk
-        finally:
-            os.close(report_r)
-        if said:
-            code = int(said)
-            raise OSError(code, os.strerror(code))
-        return pid
+        theirs.close()
+        return pid, ours
+
+    def _drop_ahead(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].close()  # (it sees the end of file and exits; reaped as any child)
+            self.ahead = None
 
     def _child(self, message: dict[str, Any], fds: list[int]) -> None:
-        """In the forked child: into the cgroups, its own session, its descriptors, Lambda's limits, then exec."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for fd in self.cgroup_fds:
-            os.write(fd, b"0")  # 0: the writing process
+        """In the process forked ahead, in the cgroups already: its own session, its descriptors, Lambda's limits,
+        then exec."""
         # Its pid as lambdabox sees it: the kernel puts the sender's into a message to a socket that passes
         # credentials, translated into the receiver's PID namespace (before init's answer, and before any exit).
         send(self.control, {"started": message["spawn"]})

@@ -105,13 +105,21 @@ class Isolation:
         return listener
 
     async def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], stdout: int, stderr: int, telemetry: int | None
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        stdout: int,
+        stderr: int,
+        telemetry: int | None,
+        *,
+        ahead: bool = False,
     ) -> Child:
         """Start ``argv`` in the environment at /var/task, with its stdout and stderr (and awslambdaric's telemetry
         pipe) on the descriptors given: through the holder, or where there is none, as a child of lambdabox's own
-        that joins the cgroups first."""
+        that joins the cgroups first. ``ahead``: another process of the Init will be started after this one (the
+        holder forks its process ahead, into the cgroups)."""
         if self._namespace.active:
-            return await self._namespace.spawn(argv, env, "/var/task", stdout, stderr, telemetry)
+            return await self._namespace.spawn(argv, env, "/var/task", stdout, stderr, telemetry, ahead=ahead)
         return await spawn_here(self._command(argv), env, stdout, stderr, telemetry, cwd=self.path("/var/task"))
 
     def _command(self, argv: Sequence[str]) -> list[str]:

@@ -253,16 +253,25 @@ class Namespace:
         }
 
     async def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: str, stdout: int, stderr: int, telemetry: int | None
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str,
+        stdout: int,
+        stderr: int,
+        telemetry: int | None,
+        *,
+        ahead: bool = False,
     ) -> HeldProcess:
         """Start ``argv`` in the environment through its holder, its output on the descriptors given (awslambdaric's
-        telemetry pipe at TELEMETRY_TARGET, which _LAMBDA_TELEMETRY_LOG_FD then names)."""
+        telemetry pipe at TELEMETRY_TARGET, which _LAMBDA_TELEMETRY_LOG_FD then names); ``ahead``: see
+        :meth:`lambdabox.sandbox.held.Holder.spawn`."""
         assert self.holder is not None
         fds = {1: stdout, 2: stderr}
         if telemetry is not None:
             fds[TELEMETRY_TARGET] = telemetry
             env = {**env, TELEMETRY_FD_ENV: str(TELEMETRY_TARGET)}
-        return await self.holder.spawn(argv, env, cwd, fds)
+        return await self.holder.spawn(argv, env, cwd, fds, ahead=ahead)
 
     async def close(self) -> None:
         """End the holder (and so the namespaces and everything in them); idempotent."""
