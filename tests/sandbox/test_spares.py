@@ -37,6 +37,11 @@ def test_environments_take_holders_started_ahead_and_nothing_is_left(tmp_path: P
 
         outcomes, ahead = [], []
         async with open_spares(made) as spares:
+            spares.fill()  # as start-lambda's server does: one ahead for the first environment too
+            for _ in range(100):
+                if spares._spare is not None:
+                    break
+                await asyncio.sleep(0.01)
             for _ in range(3):
                 spare_before = spares._spare is not None  # one was started ahead for this environment
                 async with open_environment(config, Options(spares=spares)) as env:
@@ -50,8 +55,35 @@ def test_environments_take_holders_started_ahead_and_nothing_is_left(tmp_path: P
 
     outcomes, ahead, left, dirs = run(go())
     assert all(isinstance(o, Response) for o in outcomes)
-    assert ahead == [False, True, True]  # the first environment started its own; the next took one started ahead
+    assert ahead == [True, True, True]  # each environment took one started ahead
     assert left == set() and dirs == []
+
+
+def test_a_taker_gets_the_spare_being_started_rather_than_starting_another(tmp_path: Path) -> None:
+    async def go() -> tuple[Path, list[Path], set[int]]:
+        files: list[Path] = []
+
+        def made() -> Path:
+            files.append(files_dir())
+            return files[-1]
+
+        async with open_spares(made) as spares:
+            spares.fill()
+            taken = await spares.take()  # at once: the spare is still starting
+            try:
+                assert taken.alive
+                for _ in range(100):  # its replacement is a task of the spares' group: let it start
+                    if spares._spare is not None:
+                        break
+                    await asyncio.sleep(0.01)
+                return taken.files, list(files), holders()
+            finally:
+                await taken.discard()
+
+    taken, made_dirs, running = run(go())
+    assert taken == made_dirs[0]  # the one being started
+    assert len(made_dirs) == 2  # and its replacement: no third holder
+    assert len(running) == 2
 
 
 def test_a_spare_that_died_is_not_handed_out(tmp_path: Path) -> None:

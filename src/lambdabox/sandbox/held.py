@@ -338,21 +338,29 @@ async def start_holder(
 
 class Spares:
     """A holder started ahead, for the next environment to take: its interpreter's start (about 10 ms) is then off
-    that environment's cold start. One taken is replaced at once, by a task of ``group``, while the taker goes on.
-    Nothing but lambdabox's own holder is started ahead: the environment's processes start at its Init, as in Lambda.
-    Use :func:`open_spares`."""
+    that environment's cold start. :meth:`fill` starts the first; one taken is replaced at once, by a task of
+    ``group``, while the taker goes on. Nothing but lambdabox's own holder is started ahead: the environment's
+    processes start at its Init, as in Lambda. Use :func:`open_spares`."""
 
     def __init__(self, group: asyncio.TaskGroup, files: Callable[[], Path]) -> None:
         self._group = group
         self._files = files
         self._spare: Spawned | None = None
+        self._coming: asyncio.Task[None] | None = None  # a spare being started
         self._closed = False
 
+    def fill(self) -> None:
+        """Start a holder ahead (a task of the group), unless one is ready or being started."""
+        if not self._closed and self._spare is None and self._coming is None:
+            self._coming = self._group.create_task(self._replenish())
+
     async def take(self) -> Spawned:
-        """The spare (or, none being ready, one started now); another is started for the next taker."""
+        """The spare (the one being started, once it is; or, none being there, one started now); another is
+        started for the next taker."""
+        if self._spare is None and self._coming is not None:
+            await asyncio.wait({self._coming}, timeout=DEADLINE_S)  # (it never raises)
         spare, self._spare = self._spare, None
-        if not self._closed:
-            self._group.create_task(self._replenish())
+        self.fill()
         if spare is not None and spare.alive:
             return spare
         if spare is not None:
@@ -368,12 +376,12 @@ class Spares:
             raise
 
     async def _replenish(self) -> None:
-        if self._spare is not None or self._closed:
-            return
         try:
             spare = await self._spawn()
         except Exception:  # (a task of the group: it never raises) the next taker starts one itself
             return
+        finally:
+            self._coming = None
         if self._closed or self._spare is not None:
             await spare.drop()
         else:

@@ -271,6 +271,7 @@ async def open_server(
             settings = dataclasses.replace(
                 settings, environment=dataclasses.replace(settings.environment, spares=spares)
             )
+            spares.fill()  # for the first cold start too
         server = Server(template, settings, group, observers, report, environment_observers)
         router = Router()
         invoke_api.add_routes(router, server)
