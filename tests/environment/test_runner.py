@@ -8,10 +8,12 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from lambdabox.api import runtime as runtime_api
 from lambdabox.core.errors import ConfigError
 from lambdabox.core.model import FunctionFailure, LambdaFailure, Response
 from lambdabox.environment.opening import open_environment
@@ -279,6 +281,31 @@ def test_processes_are_frozen_between_invokes(tmp_path: Path) -> None:
 
     frozen, second = run(go())
     assert frozen and isinstance(second.outcome, Response)
+
+
+def test_a_frozen_runtime_is_thawed_just_after_its_event_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thaw comes behind the answer to the runtime's pending /next, so that the runtime wakes once, its event
+    already there (not at the thaw, to wait again for the event)."""
+    order: list[str] = []
+    real_thaw, real_next = Isolation.thaw, runtime_api.next_invocation
+
+    def thaw(self: Isolation) -> None:
+        order.append("thaw")
+        real_thaw(self)
+
+    async def next_invocation(port: Any, request: Any) -> Any:
+        answer = await real_next(port, request)
+        order.append("event")  # the handler is done: the server writes its answer in this same step
+        return answer
+
+    monkeypatch.setattr(Isolation, "thaw", thaw)
+    monkeypatch.setattr(runtime_api, "next_invocation", next_invocation)
+    results = invoke_all(make_function(tmp_path), [{}, {}, {}])
+    assert all(isinstance(r.outcome, Response) for r in results)
+    assert order[:1] == ["event"]  # the first invoke: nothing was frozen yet
+    assert order[1:5] == ["event", "thaw", "event", "thaw"]  # each later one: its event, then the thaw
 
 
 def test_shutdown_budget_kills_a_slow_extension(tmp_path: Path, recorder: Recorder) -> None:

@@ -84,6 +84,9 @@ class Environment:
         self._settled = asyncio.Event()  # every command handed out so far is carried out
         self._settled.set()
         self._pausing: asyncio.Timeout | None = None  # the wait for deliveries under way before a freeze
+        # A thaw the core asked for, carried out just after the event it goes with is written (see _schedule_thaw).
+        self._thaw_owed = False
+        self._thaw_soon: asyncio.Handle | None = None
         self._processes = Processes(isolation, observers, tasks, now, self._submit_quietly)
         self._timers: dict[f.Timer, asyncio.TimerHandle] = {}
         self._runtime_waiter: asyncio.Future[tuple[f.Invoke, float]] | None = None
@@ -210,6 +213,7 @@ class Environment:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        self._cancel_thaw()
         for task in (self._worker, *self._processes.watchers):
             task.cancel()
         await asyncio.gather(self._worker, *self._processes.watchers, return_exceptions=True)
@@ -228,6 +232,7 @@ class Environment:
                 return
             self._run(self._queue.popleft())
         self._busy = False
+        self._schedule_thaw()
 
     async def _work(self) -> None:
         while True:
@@ -236,6 +241,7 @@ class Environment:
             while self._queue:
                 command = self._queue.popleft()
                 if type(command) in f.AWAITED:
+                    self._thaw_now_if_owed()  # what it awaits may need the processes running
                     try:
                         await self._run_awaited(command)
                     except Exception as error:
@@ -243,6 +249,7 @@ class Environment:
                 else:
                     self._run(command)
             self._busy = False
+            self._schedule_thaw()
             self._settled.set()
 
     def _failed(self, command: f.Command, error: Exception) -> None:
@@ -260,8 +267,10 @@ class Environment:
         match command:
             case f.DeliverInvoke(invoke=invoke, deadline=deadline):
                 _resolve(self._runtime_waiter, (invoke, deadline))
+                self._schedule_thaw()
             case f.DeliverExtensionEvent(identifier=identifier, event=event):
                 _resolve(self._extension_waiters.pop(identifier, None), event)
+                self._schedule_thaw()
             case f.Respond(request_id=request_id, outcome=outcome):
                 _resolve(self._outcomes.get(request_id), outcome)
             case f.FinishInvoke():
@@ -278,10 +287,12 @@ class Environment:
                 self._processes.signal(name, signal.SIGKILL)
             case f.Freeze():
                 self.hub.hold()
-                self.isolation.freeze_at_once()
+                if self._thaw_owed:  # still frozen: the thaw is simply not carried out
+                    self._cancel_thaw()
+                else:
+                    self.isolation.freeze_at_once()
             case f.Thaw():
-                self.isolation.thaw()
-                self.hub.resume()
+                self._thaw_owed = True
             case f.EmitPlatformEvent(type=type_, record=record, at=at):
                 self.observers(TelemetryEvent(at, type_, record))
             case f.OpenSubscriptions():
@@ -331,6 +342,31 @@ class Environment:
                     self._pausing = None
             case _:
                 self._run(command)
+
+    # ---- the thaw after the event ----------------------------------------------------------------------------------
+
+    def _schedule_thaw(self) -> None:
+        """Carry out an owed thaw at the loop's next turn: behind the writes of the events just delivered (each
+        waiting handler's task was scheduled as its event was resolved). The frozen process then wakes once, with
+        its event already there, instead of waking at the thaw to wait again for the event."""
+        if self._thaw_owed and self._thaw_soon is None:
+            self._thaw_soon = asyncio.get_running_loop().call_soon(self._thaw_now_if_owed)
+
+    def _thaw_now_if_owed(self) -> None:
+        if not self._thaw_owed:
+            return
+        self._cancel_thaw()
+        try:
+            self.isolation.thaw()
+        except Exception as error:  # (a callback of the loop's: said, never raised)
+            self._failed(f.Thaw(), error)
+        self.hub.resume()
+
+    def _cancel_thaw(self) -> None:
+        self._thaw_owed = False
+        if self._thaw_soon is not None:
+            self._thaw_soon.cancel()
+            self._thaw_soon = None
 
     def _finish_invoke(self, done: f.FinishInvoke) -> None:
         try:
