@@ -72,6 +72,8 @@ def test_a_taker_gets_the_spare_being_started_rather_than_starting_another(tmp_p
             taken = await spares.take()  # at once: the spare is still starting
             try:
                 assert taken.alive
+                await asyncio.sleep(0)
+                assert spares._coming is None  # its replacement is not started within the taker's own opening
                 for _ in range(100):  # its replacement is a task of the spares' group: let it start
                     if spares._spare is not None:
                         break

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -170,17 +171,23 @@ def alive(process: psutil.Process) -> bool:
         return False
 
 
+def in_tmp_of(paths: list[Path]) -> list[Path]:
+    return [path for path in paths if path.parent == Path(tempfile.gettempdir())]
+
+
 def test_what_a_killed_server_left_the_next_lambdabox_removes_and_says(tmp_path: Path) -> None:
     template = write_template(tmp_path, FUNCTIONS)
     with start_lambda(template) as (process, url, _out, _err):
         owner = leftovers.owner(process.pid)
         assert lambda_client(url).invoke(FunctionName="Echo", Payload=b"{}")["StatusCode"] == 200
+        deadline = time.monotonic() + WAIT_S  # the holder for the next environment is started a moment later
+        while len(in_tmp_of(left_by(owner))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         environment = psutil.Process(process.pid).children(recursive=True)  # frozen now, where cgroups freeze
         process.kill()
         process.wait(timeout=WAIT_S)
     left = left_by(owner)
-    in_tmp = [path for path in left if path.parent == Path(tempfile.gettempdir())]
-    assert len(in_tmp) == 3, left  # work, files, and the files of the holder started ahead for the next environment
+    assert len(in_tmp_of(left)) == 3, left  # work, files, and the files of the holder started for the next environment
 
     argv = [*LAMBDABOX, "invoke", "-t", str(template), "Echo"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)

@@ -35,6 +35,8 @@ COMMAND = (
 package's stdlib-only modules are imported, from their cached bytecode, so it starts in a few milliseconds."""
 DEADLINE_S = 5.0
 """Bound on every wait: the holder ready, a process started, a socket made, the holder gone."""
+REFILL_S = 0.25
+"""After a spare is taken, the next is started this much later (see :class:`Spares`)."""
 TELEMETRY_TARGET = 3  # the descriptor number a process gets awslambdaric's telemetry pipe at
 
 
@@ -338,15 +340,17 @@ async def start_holder(
 
 class Spares:
     """A holder started ahead, for the next environment to take: its interpreter's start (about 10 ms) is then off
-    that environment's cold start. :meth:`fill` starts the first; one taken is replaced at once, by a task of
-    ``group``, while the taker goes on. Nothing but lambdabox's own holder is started ahead: the environment's
-    processes start at its Init, as in Lambda. Use :func:`open_spares`."""
+    that environment's cold start. :meth:`fill` starts the first; one taken is replaced REFILL_S later, by a task of
+    ``group``: starting a process holds the event loop for a millisecond or two (the fork of lambdabox's own
+    process), which would otherwise fall inside the taker's own opening. Nothing but lambdabox's own holder is
+    started ahead: the environment's processes start at its Init, as in Lambda. Use :func:`open_spares`."""
 
     def __init__(self, group: asyncio.TaskGroup, files: Callable[[], Path]) -> None:
         self._group = group
         self._files = files
         self._spare: Spawned | None = None
         self._coming: asyncio.Task[None] | None = None  # a spare being started
+        self._refill: asyncio.TimerHandle | None = None
         self._closed = False
 
     def fill(self) -> None:
@@ -360,12 +364,17 @@ class Spares:
         if self._spare is None and self._coming is not None:
             await asyncio.wait({self._coming}, timeout=DEADLINE_S)  # (it never raises)
         spare, self._spare = self._spare, None
-        self.fill()
+        if self._refill is None and not self._closed:
+            self._refill = asyncio.get_running_loop().call_later(REFILL_S, self._refill_now)
         if spare is not None and spare.alive:
             return spare
         if spare is not None:
             await spare.drop()
         return await self._spawn()
+
+    def _refill_now(self) -> None:
+        self._refill = None
+        self.fill()
 
     async def _spawn(self) -> Spawned:
         files = self._files()
@@ -389,6 +398,9 @@ class Spares:
 
     async def close(self) -> None:
         self._closed = True
+        if self._refill is not None:
+            self._refill.cancel()
+            self._refill = None
         spare, self._spare = self._spare, None
         if spare is not None:
             await spare.drop()
