@@ -22,6 +22,7 @@ from lambdabox.core.errors import SandboxError
 from lambdabox.loop import open_task_group
 from lambdabox.sandbox import holder as protocol
 from lambdabox.sandbox import leftovers
+from lambdabox.sandbox.helper import Helper, spawn_helper
 
 _PACKAGES = str(Path(protocol.__file__).parents[2])  # where lambdabox is imported from
 COMMAND = (
@@ -79,7 +80,7 @@ class Holder:
     """One running holder. Messages from init arrive on the control socket (read by the event loop); sockets are
     made over a second socket, synchronously, for callers that cannot wait (an HTTP client's socket factory)."""
 
-    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket, sockets: socket.socket) -> None:
+    def __init__(self, process: Helper, control: socket.socket, sockets: socket.socket) -> None:
         self.process = process
         self.init_pid: int | None = None  # init's pid on the host, once known
         self._control = control
@@ -238,7 +239,7 @@ class Spawned:
     """A holder started and not yet configured: it waits for its configuration on ``control`` (its first message),
     writing to ``files``/holder.log; it exits when ``control`` closes."""
 
-    process: asyncio.subprocess.Process
+    process: Helper
     control: socket.socket
     sockets: socket.socket
     files: Path
@@ -270,15 +271,10 @@ async def spawn_holder(files: Path) -> Spawned:
     sockets, sockets_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         with (files / "holder.log").open("ab") as out:
-            process = await asyncio.create_subprocess_exec(
-                *COMMAND,
-                str(control_theirs.fileno()),
-                str(sockets_theirs.fileno()),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
+            process = spawn_helper(
+                [*COMMAND, str(control_theirs.fileno()), str(sockets_theirs.fileno())],
+                output=out.fileno(),
                 pass_fds=(control_theirs.fileno(), sockets_theirs.fileno()),
-                start_new_session=True,  # Ctrl-C in a terminal is lambdabox's to handle
             )
     except BaseException:
         control.close()

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from lambdabox.sandbox.helper import Helper, spawn_helper
+
 DEADLINE_S = 5.0
 """Bound on every wait: the interface configured, slirp4netns gone."""
 NETWORKS = ("10.0.2.0/24", "10.0.3.0/24", "10.201.0.0/24", "172.30.201.0/24", "192.168.201.0/24")
@@ -75,7 +77,7 @@ class Outbound:
     lambdabox's process ends, which closes it too)."""
 
     def __init__(self) -> None:
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: Helper | None = None
         self._exit_w: int | None = None
 
     async def start(self, net_path: str, log: Path, user_path: str | None = None) -> str | None:
@@ -85,18 +87,10 @@ class Outbound:
         exit_r, self._exit_w = os.pipe()
         argv = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback", f"--cidr={network()}"]
         argv += [f"--ready-fd={ready_w}", f"--exit-fd={exit_r}"]
+        argv += [*([f"--userns-path={user_path}"] if user_path else []), "--netns-type=path", net_path, "tap0"]
         try:
             with log.open("ab") as out:
-                self._process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    *([f"--userns-path={user_path}"] if user_path else []),
-                    *["--netns-type=path", net_path, "tap0"],
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    pass_fds=(ready_w, exit_r),
-                    start_new_session=True,  # Ctrl-C in a terminal is lambdabox's to handle, not its
-                )
+                self._process = spawn_helper(argv, output=out.fileno(), pass_fds=(ready_w, exit_r))
         except OSError as e:
             os.close(ready_r)
             self.stop_soon()
