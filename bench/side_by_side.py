@@ -195,18 +195,22 @@ def session(server: Server, invokes: int, warmup: int) -> Session:
         return _session(server, invokes, warmup, log)
 
 
-def _session(server: Server, invokes: int, warmup: int, log: IO[bytes]) -> Session:
-    port = free_port()
-    t0 = time.monotonic()
-    process = subprocess.Popen(
+def start(server: Server, port: int, stderr: IO[bytes] | int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         server.command(port),
         cwd=server.cwd,
         env=server.env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=log,
+        stderr=stderr,
         start_new_session=True,
     )
+
+
+def _session(server: Server, invokes: int, warmup: int, log: IO[bytes]) -> Session:
+    port = free_port()
+    t0 = time.monotonic()
+    process = start(server, port, log)
     members: list[psutil.Process] = [psutil.Process(process.pid)]
     try:
         wait_for_port(port, process, t0 + READY_S)
@@ -340,15 +344,7 @@ def bare_one_shot(code: Path) -> float:
 def rie_one_shot(server: Server) -> float:
     port = free_port()
     t0 = time.monotonic()
-    process = subprocess.Popen(
-        server.command(port),
-        cwd=server.cwd,
-        env=server.env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start(server, port)
     members = [psutil.Process(process.pid)]
     try:
         wait_for_port(port, process, t0 + READY_S)
