@@ -26,7 +26,8 @@ client's own CPU is not counted on either side.
 Where a target is missed, the bench says which part of the time is the floor's and which is lambdabox's: the cold
 invoke split into its Init Duration (the runtime's own start, from lambdabox's REPORT line) and the rest, and
 ``lambdabox invoke`` into the interpreter's start, importing lambdabox's CLI (both timed as cases of their own) and
-the run. ``--lambdabox-option`` (e.g. ``--no-freeze``) runs lambdabox with an option, to see what each costs.
+the run. ``--lambdabox-option`` (e.g. ``--no-freeze``) runs lambdabox with an option, to see what each costs;
+``--start-lambda-option`` (e.g. ``--open-ahead``) gives one to start-lambda only.
 lambdabox's modules are byte-compiled first, as a pip install leaves them.
 
 A round runs every case once, in an order that rotates each round, so that load from elsewhere falls on every case
@@ -397,7 +398,7 @@ def row(name: str, ours: float, peer: float | None, unit: str = "ms", target: st
     return f"{name:<38} {ours * scale:10.3f} {peer_text:>10} {ratio:>7}   {target}"
 
 
-def main(rie: Path | None, rounds: int, invokes: int, warmup: int, options: list[str]) -> int:
+def main(rie: Path | None, rounds: int, invokes: int, warmup: int, options: list[str], serving: list[str]) -> int:
     # lambdabox's modules with their bytecode cached, as a pip install leaves them (an editable install under
     # PYTHONDONTWRITEBYTECODE would compile every module at every start: about 50 ms more each time here)
     compileall.compile_dir(Path(package.__file__).parent, quiet=1)
@@ -406,12 +407,25 @@ def main(rie: Path | None, rounds: int, invokes: int, warmup: int, options: list
         return 2
     print(
         f"side by side: {rounds} rounds; per server session 1 cold + {warmup} untimed + {invokes} timed invokes; "
-        f"load average {load()}" + (f"; lambdabox options: {' '.join(options)}" if options else "")
+        f"load average {load()}"
+        + (f"; lambdabox options: {' '.join(options)}" if options else "")
+        + (f"; start-lambda options: {' '.join(serving)}" if serving else "")
     )
     with project() as root:
         lambdabox = Server(
             "lambdabox start-lambda",
-            lambda port: [PYTHON, "-m", "lambdabox", "start-lambda", "-t", "template.yaml", "-p", str(port), *options],
+            lambda port: [
+                PYTHON,
+                "-m",
+                "lambdabox",
+                "start-lambda",
+                "-t",
+                "template.yaml",
+                "-p",
+                str(port),
+                *options,
+                *serving,
+            ],
             f"/2015-03-31/functions/{FUNCTION}/invocations",
             root,
         )
@@ -539,12 +553,19 @@ def run() -> None:
         metavar="OPTION",
         help="an option for start-lambda and invoke, e.g. --no-freeze or --host-network, to see what each costs",
     )
+    parser.add_argument(
+        "--start-lambda-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an option for start-lambda only, e.g. --open-ahead",
+    )
     args = parser.parse_args()
     if args.rie is not None and not (args.rie.is_file() and os.access(args.rie, os.X_OK)):
         parser.error(f"--rie {args.rie}: not an executable file")
     if shutil.which("slirp4netns") is None:
         print("note: slirp4netns is not installed: lambdabox runs without outbound network (degraded)")
-    sys.exit(main(args.rie, args.rounds, args.invokes, args.warmup, args.lambdabox_option))
+    sys.exit(main(args.rie, args.rounds, args.invokes, args.warmup, args.lambdabox_option, args.start_lambda_option))
 
 
 if __name__ == "__main__":

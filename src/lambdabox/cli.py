@@ -248,6 +248,14 @@ def _write_timeline(path: Path, sections: list[Section], what: str) -> None:
     show_default=True,
     help="JSON lines file for asynchronous destinations that are not functions of the template (SQS, SNS, ...).",
 )
+@click.option(
+    "--open-ahead/--no-open-ahead",
+    default=False,
+    show_default=True,
+    help="Open each function's next environment before its cold start needs it (the sandbox, the staged code and "
+    "the APIs; its processes and Init still start at the invoke): about 20 ms off each cold start, for a holder "
+    "and a slirp4netns process kept per function.",
+)
 @environment_options
 @timeline_option
 def start_lambda(
@@ -258,6 +266,7 @@ def start_lambda(
     max_concurrency: int,
     retry_delay_scale: float,
     destinations_file: Path,
+    open_ahead: bool,
     freeze: bool,
     isolate: bool,
     private_network: bool,
@@ -280,6 +289,7 @@ def start_lambda(
         destinations=destinations_file,
         environment=Options(freeze=freeze, isolate=isolate, private_network=private_network),
         logs=LogStore(),
+        open_ahead=open_ahead,
     )
     timelines: list[Timeline] = []
     try:

@@ -523,3 +523,35 @@ def test_prune_removes_trees_unused_for_a_week_and_abandoned_builds(tmp_path: Pa
     removed = codecache.prune(tmp_path, now)
     assert sorted(p.name for p in removed) == [".building-x", "old"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".building-y", "fresh"]
+
+
+# --- staged_signature ----------------------------------------------------------------------------------------
+
+
+def bump(path: Path, content: bytes) -> None:
+    """Rewrite a file with a later modification time (a coarse clock could give the same one)."""
+    before = path.stat().st_mtime_ns
+    path.write_bytes(content)
+    os.utime(path, ns=(before, before + 1_000_000_000))
+
+
+def test_the_signature_follows_what_staging_copies_or_extracts_and_not_the_code_directory(tmp_path: Path) -> None:
+    code = code_dir(tmp_path)
+    layer_dir = tmp_path / "layer"
+    layer_dir.mkdir()
+    (layer_dir / "data.txt").write_text("v1")
+    layer_zip = make_zip(tmp_path / "l.zip", [("python/mod.py", b"x = 1", 0o644)])
+    config = function(code, layer_dir, layer_zip)
+    first = filesystem.staged_signature(config)
+    stage_function(config, tmp_path / "work")  # (reading the sources changes nothing it looks at)
+    assert filesystem.staged_signature(config) == first
+    bump(next(p for p in code.iterdir() if p.is_file()), b"edited")  # used in place: its edits show by themselves
+    assert filesystem.staged_signature(config) == first
+    bump(layer_dir / "data.txt", b"v2")
+    second = filesystem.staged_signature(config)
+    assert second != first
+    (layer_dir / "new.txt").write_text("new")
+    assert filesystem.staged_signature(config) != second
+    third = filesystem.staged_signature(config)
+    bump(layer_zip, layer_zip.read_bytes())
+    assert filesystem.staged_signature(config) != third

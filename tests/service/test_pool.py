@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from botocore.exceptions import ClientError
 
 from lambdabox.core import facts as mark
 from lambdabox.core.batching import Backoff
-from lambdabox.core.model import LambdaFailure, Response
+from lambdabox.core.model import LambdaFailure, LayerConfig, Response
 from lambdabox.environment.options import Options
 from lambdabox.environment.report import TelemetryEvent
 from lambdabox.loop import open_task_group
@@ -449,3 +450,77 @@ def test_an_extension_working_on_after_the_answer_still_holds_its_environment(tm
             assert raised.value.response["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
 
     run(main(), timeout=120)
+
+
+OPT_READER = "def handler(event, context):\n    return open('/opt/' + event['name']).read()\n"
+
+
+def opt_reading_function(tmp_path: Path) -> tuple[Any, Path]:
+    """A function whose handler returns a file of its layer, a directory (copied into /opt at each staging)."""
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (layer / "data.txt").write_text("v1")
+    config = make_function(tmp_path, "opt_reader.handler", layers=(LayerConfig("data", layer),))
+    (config.code / "opt_reader.py").write_text(OPT_READER)
+    return config, layer
+
+
+def test_an_environment_opened_ahead_serves_the_cold_start_and_its_init_is_the_invokes(tmp_path: Path) -> None:
+    config, _ = opt_reading_function(tmp_path)
+
+    async def main(group: asyncio.TaskGroup) -> None:
+        events = Events()
+        pool = Pool(config, Capacity(10), group, observers=[events], ahead=True)
+        try:
+            await pool.start()
+            assert pool._ahead is not None
+            ahead, _ = pool._ahead
+            await ahead.environment()  # opened before any invoke, and no process started in it
+            assert events.count("platform.initStart") == 0 and pool.environments == 0
+            ran = await run_once(pool, {"name": "data.txt"})
+            assert ran.result.outcome == Response(b'"v1"')
+            assert ran.result.report.init_duration_ms is not None  # its Init ran at the invoke, as in Lambda
+            assert events.count("platform.initStart") == 1
+            assert pool.environments == 1 and pool._ahead is None  # the one opened ahead was taken
+            assert pool._ahead_refill is not None  # and the next is opened a moment later
+        finally:
+            await pool.close()
+        nothing_left_running()
+
+    run_owned(main)
+
+
+def test_an_environment_opened_ahead_of_a_change_to_a_layer_is_not_used(tmp_path: Path) -> None:
+    config, layer = opt_reading_function(tmp_path)
+
+    async def main(group: asyncio.TaskGroup) -> None:
+        pool = Pool(config, Capacity(10), group, ahead=True)
+        try:
+            await pool.start()
+            assert pool._ahead is not None
+            await pool._ahead[0].environment()  # staged with v1
+            (layer / "data.txt").write_text("v2")
+            stat = (layer / "data.txt").stat()
+            os.utime(layer / "data.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # (coarse clocks)
+            ran = await run_once(pool, {"name": "data.txt"})
+            assert ran.result.outcome == Response(b'"v2"')  # a new environment, staged from the layer as it is now
+            assert pool.environments == 1  # the stale one was shut down
+        finally:
+            await pool.close()
+        nothing_left_running()
+
+    run_owned(main)
+
+
+def test_a_pool_closed_with_an_environment_opened_ahead_leaves_nothing(tmp_path: Path) -> None:
+    config, _ = opt_reading_function(tmp_path)
+
+    async def main(group: asyncio.TaskGroup) -> None:
+        pool = Pool(config, Capacity(10), group, ahead=True)
+        await pool.start()
+        assert pool._ahead is not None
+        await pool._ahead[0].environment()
+        await pool.close()
+        nothing_left_running()
+
+    run_owned(main)

@@ -333,6 +333,23 @@ def _copy_dir(layer: Path, entries: list[_Entry], target: Path) -> int:
 # --- staging ---------------------------------------------------------------------------------------
 
 
+def staged_signature(config: FunctionConfig) -> tuple[object, ...]:
+    """What :func:`stage_function` copies or extracts, as it stands now: each zip's identity, size and time, and
+    every entry of each layer directory with its modification time (a code directory is used in place: its edits
+    show by themselves). Equal
+    signatures taken at two moments mean a staging at the first is still what one at the second would give."""
+    parts: list[object] = []
+    for content in (config.code, *(layer.content for layer in config.layers)):
+        if content.is_dir():
+            if content != config.code:
+                entries, _ = _scan_dir(content)
+                parts.append(tuple((e.path, e.kind, e.mode, e.link, e.times_ns and e.times_ns[1]) for e in entries))
+        else:
+            st = content.stat()
+            parts.append((str(content), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(parts)
+
+
 def stage_function(config: FunctionConfig, work_dir: Path, cache: Path | None = None) -> StagedCode:
     """Lay out ``config``'s code and layers: a code directory is used in place, a .zip is extracted to
     ``work_dir/task``; layers are merged in order into ``work_dir/opt``. With a ``cache``

@@ -23,10 +23,14 @@ from lambdabox.environment.options import Options
 from lambdabox.environment.report import InvokeResult, Observer
 from lambdabox.loop import open_task_group
 from lambdabox.observe.logstore import LogStore
+from lambdabox.sandbox.filesystem import staged_signature
 from lambdabox.service.slot import PROVISIONED, Slot
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 
+
+AHEAD_REFILL_S = 0.25
+"""After the environment opened ahead is taken, the next is opened this much later (off the taker's cold start)."""
 
 FINISHING_S = 0.05
 """How long an invoke that finds its unit of concurrency held by invokes that have answered and are finishing waits
@@ -96,6 +100,7 @@ class Pool:
         log_store: LogStore | None = None,
         provisioned_backoff: Backoff = REPLACEMENT_BACKOFF,
         environment_observers: Callable[[], Iterable[Observer]] = tuple,
+        ahead: bool = False,
     ) -> None:
         self.config = config
         self.log_store = log_store  # where each environment's log lines are kept (none: nowhere)
@@ -116,6 +121,11 @@ class Pool:
         self._provisioning = Provisioning(provisioned_backoff)
         self._replacing: set[asyncio.Task[None]] = set()  # provisioned environments due or starting
         self._provisioned_changed = asyncio.Event()
+        # ``ahead``: the next cold start's environment is opened before it is needed (its sandbox, staging and APIs:
+        # no process starts before its first invoke, so Init is the invoke's, as in Lambda).
+        self._ahead_wanted = ahead
+        self._ahead: tuple[Slot, asyncio.Task[tuple[object, ...] | None]] | None = None  # and its staging's signature
+        self._ahead_refill: asyncio.TimerHandle | None = None
 
     @property
     def environments(self) -> int:
@@ -132,8 +142,12 @@ class Pool:
 
     async def start(self) -> None:
         """Start the provisioned environments and wait (bounded by Init's limit) until each has initialised or failed
-        (one that failed is replaced in the background)."""
+        (one that failed is replaced in the background); open the next cold start's environment ahead if asked, and
+        wait for that too (one that cannot be opened says why at the invoke that takes it)."""
+        self._open_ahead()
         async with open_task_group() as starting:
+            if self._ahead is not None:
+                starting.create_task(self._opened(self._ahead[0]))
             for _ in range(self.config.provisioned_concurrency or 0):
                 starting.create_task(self._guarded("starting a provisioned environment", self._provision))
 
@@ -230,7 +244,7 @@ class Pool:
         try:
             slot = self._take_idle()
             fresh = slot is None
-            slot = slot or self._new_slot(self.options)
+            slot = slot or await self._take_ahead() or self._new_slot(self.options)
             try:
                 env = await slot.environment()
             except Exception as error:
@@ -269,6 +283,45 @@ class Pool:
         slot = self._idle.pop(provisioned[-1] if provisioned else -1)
         slot.cancel_expiry()
         return slot
+
+    def _open_ahead(self) -> None:
+        """Open an environment for the next cold start, unless one is open ahead already (or the pool is closed)."""
+        self._ahead_refill = None
+        if not self._ahead_wanted or self._closed or self._ahead is not None:
+            return
+        signature = self._group.create_task(self._signature())  # (taken before its staging)
+        observers = [*self.observers, *self.environment_observers()]
+        self._ahead = (Slot(self._group, self.config, self.options, observers, self.log_store, self._reset), signature)
+
+    @staticmethod
+    async def _opened(slot: Slot) -> None:
+        with contextlib.suppress(Exception):
+            await slot.environment()
+
+    async def _take_ahead(self) -> Slot | None:
+        """The environment opened ahead, if the code and layers it staged are still what they are now; the next is
+        opened AHEAD_REFILL_S later. One staged from what has changed since is shut down, and None returned."""
+        if self._ahead is None:
+            return None
+        (slot, signature), self._ahead = self._ahead, None
+        if self._ahead_refill is None and not self._closed:
+            self._ahead_refill = asyncio.get_running_loop().call_later(AHEAD_REFILL_S, self._open_ahead)
+        self._slots.add(slot)
+        current = await self._signature()
+        if current is not None and await signature == current:
+            return slot
+        self._discard(slot)
+        return None
+
+    async def _signature(self) -> tuple[object, ...] | None:
+        """:func:`staged_signature` of the function (off the loop where layers are scanned); None if it cannot be
+        had (the opening itself says what is wrong)."""
+        try:
+            if not self.config.layers and self.config.code.is_dir():
+                return staged_signature(self.config)  # (a code directory is used in place: nothing to read)
+            return await asyncio.to_thread(staged_signature, self.config)
+        except OSError:
+            return None
 
     def _new_slot(self, options: Options) -> Slot:
         observers = [*self.observers, *self.environment_observers()]
@@ -384,6 +437,12 @@ class Pool:
         if self._replacing:
             await asyncio.wait(set(self._replacing))
         self._idle.clear()
+        if self._ahead_refill is not None:
+            self._ahead_refill.cancel()
+        if self._ahead is not None:
+            (slot, signature), self._ahead = self._ahead, None
+            signature.cancel()
+            self._slots.add(slot)  # (shut down with the others)
         for slot in list(self._slots):
             self._discard(slot)
         while self._closing:

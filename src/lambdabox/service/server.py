@@ -46,6 +46,7 @@ class ServerSettings:
     environment: Options = field(default_factory=Options)
     logs: LogStore | None = None  # where every environment's log lines are kept (none: nowhere)
     limits: Limits = field(default_factory=invoke_api.limits)  # on the Invoke API's clients
+    open_ahead: bool = False  # each function's next cold start finds its environment opened (see Pool)
 
 
 def _to_stderr(text: str) -> None:
@@ -82,6 +83,7 @@ class Server:
                 on_problem=self.report,
                 log_store=settings.logs,
                 environment_observers=functools.partial(environment_observers, config),
+                ahead=settings.open_ahead,
             )
             for name, config in template.functions.items()
         }
