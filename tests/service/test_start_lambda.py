@@ -231,3 +231,20 @@ def test_sigterm_right_after_a_burst_answers_every_caller(tmp_path: Path) -> Non
                 answers = [c.result(timeout=WAIT_S) for c in calls]
             assert process.wait(timeout=WAIT_S) == 0, "\n".join(err.rest())
             assert set(answers) <= {"200", "refused"}, answers
+
+
+def test_open_ahead_serves_each_functions_first_cold_start_from_an_environment_opened_before_it(
+    tmp_path: Path,
+) -> None:
+    template = write_template(tmp_path, FUNCTIONS)
+    with start_lambda(template, "--open-ahead") as (process, url, _out, err):
+        owner = leftovers.owner(process.pid)
+        opened = len(in_tmp_of(left_by(owner)))  # listening: each function's environment is open already
+        answer = lambda_client(url).invoke(FunctionName="Echo", Payload=b'{"n": 1}', LogType="Tail")
+        assert answer["StatusCode"] == 200 and "FunctionError" not in answer
+        tail = base64.b64decode(answer["LogResult"]).decode()
+        assert "Init Duration:" in tail  # Init is the invoke's, as in Lambda
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=WAIT_S) == 0, err.rest()
+    assert opened >= 2  # an environment's work and holder directories, before any invoke
+    assert left_by(owner) == []
