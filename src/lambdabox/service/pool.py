@@ -290,8 +290,7 @@ class Pool:
         if not self._ahead_wanted or self._closed or self._ahead is not None:
             return
         signature = self._group.create_task(self._signature())  # (taken before its staging)
-        observers = [*self.observers, *self.environment_observers()]
-        self._ahead = (Slot(self._group, self.config, self.options, observers, self.log_store, self._reset), signature)
+        self._ahead = (self._make_slot(self.options), signature)
 
     @staticmethod
     async def _opened(slot: Slot) -> None:
@@ -324,10 +323,13 @@ class Pool:
             return None
 
     def _new_slot(self, options: Options) -> Slot:
-        observers = [*self.observers, *self.environment_observers()]
-        slot = Slot(self._group, self.config, options, observers, self.log_store, self._reset)
+        slot = self._make_slot(options)
         self._slots.add(slot)
         return slot
+
+    def _make_slot(self, options: Options) -> Slot:
+        observers = [*self.observers, *self.environment_observers()]
+        return Slot(self._group, self.config, options, observers, self.log_store, self._reset)
 
     async def _guarded(self, what: str, work: Callable[[], Awaitable[None]]) -> None:
         """``work()``, as a task of the group must be: what it raises is told to ``on_problem``, not to the group."""
